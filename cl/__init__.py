@@ -1,0 +1,3 @@
+"""Continual learning on pretrained timm backbones."""
+
+__version__ = "0.1.0"

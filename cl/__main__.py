@@ -1,0 +1,3 @@
+from cl.cli import main
+
+raise SystemExit(main())
