@@ -1,0 +1,256 @@
+"""Benchmarks: an Avalanche stream defines the split, our tensors carry the data.
+
+:func:`build_benchmark` loads a source, subsamples it per class, fixes a class order, and asks
+Avalanche's ``nc_benchmark`` to split it into experiences (optionally with a larger base session
+and with task labels for task-incremental learning). Each Avalanche sample carries a ``sample_id``
+attribute, so every experience is mapped back to rows of the in-memory uint8 pool; the loop then
+batches those rows directly. The Avalanche scenario stays available (``Benchmark.avalanche``) for
+running Avalanche's own strategies on exactly the same stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from cl.config import BenchmarkConfig, check_benchmark
+from cl.data.sources import SourceData
+from cl.data.transforms import BatchTransform
+
+
+@dataclass
+class Split:
+    """Inputs and (reordered) labels of one experience's train or test data.
+
+    ``x`` holds uint8 images, or float features once the frozen-feature cache has been applied.
+    """
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Mini-batches in order, or shuffled with ``generator``."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if generator is not None else None
+        for start in range(0, n, batch_size):
+            if order is None:
+                yield self.x[start : start + batch_size], self.y[start : start + batch_size]
+            else:
+                idx = order[start : start + batch_size]
+                yield self.x[idx], self.y[idx]
+
+
+@dataclass
+class Experience:
+    """One step of the stream. Classes are contiguous ids ``lo..hi-1`` in order of appearance."""
+
+    index: int
+    classes: list[int]
+    train: Split
+    test: Split
+    train_ids: Tensor  # rows of the train pool
+    test_ids: Tensor
+
+    @property
+    def task_id(self) -> int:
+        return self.index
+
+    @property
+    def class_range(self) -> tuple[int, int]:
+        return self.classes[0], self.classes[-1] + 1
+
+
+@dataclass
+class Benchmark:
+    config: BenchmarkConfig
+    source: SourceData  # after per-class subsampling, original labels
+    class_order: list[int]  # original label of new class 0, 1, ...
+    experiences: list[Experience]
+    transform: BatchTransform
+    avalanche: Any = field(repr=False)  # avalanche CLScenario that defined the split
+    native_size: tuple[int, int] = (0, 0)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_order)
+
+    @property
+    def n_experiences(self) -> int:
+        return len(self.experiences)
+
+    @property
+    def scenario(self) -> str:
+        return self.config.scenario
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.source.classes[c] for c in self.class_order]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.transform.output_shape(self.native_size)
+
+    def pool(self, split: str) -> tuple[Tensor, Tensor]:
+        """All (subsampled) images of a split with reordered labels."""
+        if split == "train":
+            return self.source.x_train, _remap(self.source.y_train, self.class_order)
+        return self.source.x_test, _remap(self.source.y_test, self.class_order)
+
+    def with_inputs(self, train_x: Tensor, test_x: Tensor) -> Benchmark:
+        """Same stream with pool inputs replaced (e.g. by frozen features, row for row)."""
+        exps = [
+            replace(e, train=Split(train_x[e.train_ids], e.train.y), test=Split(test_x[e.test_ids], e.test.y))
+            for e in self.experiences
+        ]
+        return replace(self, experiences=exps)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "dataset": self.config.dataset.name,
+            "origin": self.source.origin,
+            "fingerprint": self.source.fingerprint,
+            "scenario": self.scenario,
+            "class_order": self.class_order,
+            "class_names": self.class_names,
+            "classes_per_experience": [len(e.classes) for e in self.experiences],
+            "train_samples_per_experience": [len(e.train) for e in self.experiences],
+            "test_samples_per_experience": [len(e.test) for e in self.experiences],
+            "input_shape": list(self.input_shape),
+            "transform": self.transform.to_dict(),
+        }
+
+
+def subsample_per_class(y: Tensor, per_class: int | None, seed: int) -> Tensor:
+    """Sorted row indices keeping at most ``per_class`` random rows of each class."""
+    if per_class is None:
+        return torch.arange(len(y))
+    keep = []
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        g = torch.Generator().manual_seed(seed * 1_000_003 + c)
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return torch.cat(keep).sort().values
+
+
+def make_class_order(n_classes: int, explicit: list[int] | None, seed: int) -> list[int]:
+    if explicit is not None:
+        return list(explicit)
+    return torch.randperm(n_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class _PoolDataset(torch.utils.data.Dataset):
+    """What Avalanche iterates: (float image, original label); the loop never calls __getitem__."""
+
+    def __init__(self, x: Tensor, y: Tensor, transform: BatchTransform) -> None:
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.transform(self.x[i : i + 1])[0], int(self.y[i])
+
+
+def _avalanche_dataset(x: Tensor, y: Tensor, transform: BatchTransform) -> Any:
+    from avalanche.benchmarks.utils import DataAttribute
+    from avalanche.benchmarks.utils.classification_dataset import ClassificationDataset
+
+    n = len(y)
+    return ClassificationDataset(
+        [_PoolDataset(x, y, transform)],
+        data_attributes=[
+            DataAttribute(y.tolist(), "targets"),
+            DataAttribute([0] * n, "targets_task_labels", use_in_getitem=True),
+            DataAttribute(list(range(n)), "sample_id"),
+        ],
+    )
+
+
+def _attribute(dataset: Any, name: str) -> Tensor:
+    return torch.as_tensor(list(getattr(dataset, name)), dtype=torch.int64)
+
+
+def make_transform(
+    source: SourceData, cfg: BenchmarkConfig, mean: list[float] | None = None, std: list[float] | None = None
+) -> BatchTransform:
+    channels = cfg.channels or source.channels
+    if mean is None or std is None:
+        mean, std = source.channel_stats()
+        if channels != source.channels:  # stats of the converted images
+            lum_mean, lum_std = sum(mean) / len(mean), sum(std) / len(std)
+            mean, std = [lum_mean] * channels, [lum_std] * channels
+    return BatchTransform(source.channels, channels, cfg.image_size, tuple(mean), tuple(std))
+
+
+def build_benchmark(cfg: BenchmarkConfig, data_root: Path, seed: int) -> Benchmark:
+    """Load the dataset and split it into an Avalanche class-/task-incremental stream.
+
+    Args:
+        cfg: the benchmark section of a run config.
+        data_root: where datasets are looked for and downloaded to.
+        seed: the run seed; the class order uses ``cfg.class_order_seed`` if set, else this.
+
+    Returns:
+        The benchmark, whose experiences hold uint8 images and labels ``0..n_classes-1`` in order
+        of appearance.
+    """
+    from avalanche.benchmarks import nc_benchmark
+
+    sizes = check_benchmark(cfg)
+    full = cfg.dataset.load(data_root)
+    train_keep = subsample_per_class(full.y_train, cfg.train_per_class, cfg.subsample_seed)
+    test_keep = subsample_per_class(full.y_test, cfg.test_per_class, cfg.subsample_seed + 1)
+    source = SourceData(
+        full.x_train[train_keep], full.y_train[train_keep], full.x_test[test_keep], full.y_test[test_keep],
+        full.classes, full.fingerprint, full.origin,
+    )
+    order = make_class_order(len(source.classes), cfg.class_order, seed if cfg.class_order_seed is None else cfg.class_order_seed)
+    transform = make_transform(source, cfg)
+
+    scenario = nc_benchmark(
+        _avalanche_dataset(source.x_train, source.y_train, transform),
+        _avalanche_dataset(source.x_test, source.y_test, transform),
+        n_experiences=len(sizes),
+        task_labels=cfg.scenario == "task_incremental",
+        fixed_class_order=order,
+        per_exp_classes={0: sizes[0]} if cfg.base_classes is not None else None,
+        class_ids_from_zero_from_first_exp=True,
+    )
+    experiences = []
+    offset = 0
+    for i, (tr, te) in enumerate(zip(scenario.train_stream, scenario.test_stream)):
+        classes = sorted(tr.classes_in_this_experience)
+        if classes != list(range(offset, offset + sizes[i])):
+            raise RuntimeError(f"unexpected class split from Avalanche at experience {i}: {classes}")
+        offset += sizes[i]
+        train_ids, test_ids = _attribute(tr.dataset, "sample_id"), _attribute(te.dataset, "sample_id")
+        train_ids, test_ids = train_ids.sort().values, test_ids.sort().values
+        experiences.append(
+            Experience(
+                index=i,
+                classes=classes,
+                train=Split(source.x_train[train_ids], _remap(source.y_train[train_ids], order)),
+                test=Split(source.x_test[test_ids], _remap(source.y_test[test_ids], order)),
+                train_ids=train_ids,
+                test_ids=test_ids,
+            )
+        )
+        # Avalanche's own (reordered) targets must agree with ours, row for row.
+        expected = _attribute(tr.dataset, "targets").sort().values
+        if not torch.equal(expected, experiences[-1].train.y.sort().values):
+            raise RuntimeError(f"label mismatch with the Avalanche stream at experience {i}")
+    native = (int(source.x_train.shape[-2]), int(source.x_train.shape[-1]))
+    return Benchmark(cfg, source, order, experiences, transform, scenario, native)
+
+
+def _remap(y: Tensor, order: list[int]) -> Tensor:
+    remap = torch.empty(len(order), dtype=torch.int64)
+    remap[torch.tensor(order)] = torch.arange(len(order))
+    return remap[y]
