@@ -1,0 +1,1 @@
+"""Backbones (timm), pretraining, frozen-feature cache."""

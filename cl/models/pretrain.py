@@ -1,0 +1,153 @@
+"""Make a pretrained backbone offline: supervised training on the base session or a source benchmark.
+
+The result is cached under ``<cache_dir>/backbones/`` by a hash of everything that determines it
+(architecture, kwargs, training hyper-parameters, the exact training bytes and the input
+pipeline), with a JSON provenance file next to the weights. Training is deterministic on CPU for a
+given seed, so the same config always maps to the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from cl.config import BackboneConfig, PretrainConfig, config_hash
+from cl.data.benchmark import Benchmark, build_benchmark, make_transform
+from cl.data.transforms import BatchTransform, random_crop_flip
+from cl.utils import atomic_save, git_info, package_versions, state_dict_sha256, tensor_sha256, write_json
+
+
+def pretraining_data(pcfg: PretrainConfig, bench: Benchmark, data_root: Path, seed: int) -> tuple[Tensor, Tensor, BatchTransform, str]:
+    """(uint8 images, labels, transform, description) to pretrain on."""
+    if pcfg.train_on == "base_session":
+        exp = bench.experiences[0]
+        return exp.train.x, exp.train.y, bench.transform, f"base session of {bench.config.dataset.name} ({len(exp.classes)} classes)"
+    assert pcfg.benchmark is not None
+    # The source must produce inputs shaped like the target's: same channels and size.
+    target = bench.transform
+    size = target.size or bench.native_size[0]
+    src_cfg = pcfg.benchmark.model_copy(update={"image_size": size, "channels": target.channels})
+    src = build_benchmark(src_cfg, data_root, seed)
+    x, y = src.pool("train")
+    return x, y, make_transform(src.source, src_cfg), f"benchmark {src_cfg.dataset.name} ({src.n_classes} classes)"
+
+
+def pretrain_key(cfg: BackboneConfig, pcfg: PretrainConfig, x: Tensor, y: Tensor, transform: BatchTransform) -> str:
+    return config_hash(
+        {
+            "arch": cfg.name,
+            "kwargs": cfg.kwargs,
+            "pretrain": pcfg.model_dump(mode="json"),
+            "data": tensor_sha256(x, y),
+            "transform": transform.to_dict(),
+        }
+    )
+
+
+def train_supervised(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    transform: BatchTransform,
+    pcfg: PretrainConfig,
+    device: torch.device,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train ``model`` (a timm model with ``num_classes=0``) plus a temporary linear head."""
+    n_classes = int(y.max()) + 1
+    torch.manual_seed(pcfg.seed)
+    head = nn.Linear(int(model.num_features), n_classes)
+    model.to(device).train()
+    head.to(device).train()
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=pcfg.lr, momentum=pcfg.momentum, weight_decay=pcfg.weight_decay, nesterov=pcfg.momentum > 0)
+    steps_per_epoch = math.ceil(len(y) / pcfg.batch_size)
+    total = steps_per_epoch * pcfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    g = torch.Generator().manual_seed(pcfg.seed)
+    history = []
+    bar = tqdm(total=total, desc="pretrain", disable=None if progress else True, leave=False)
+    for epoch in range(pcfg.epochs):
+        correct, seen, loss_sum = 0, 0, 0.0
+        for idx in torch.randperm(len(y), generator=g).split(pcfg.batch_size):
+            xb = transform(x[idx], device)
+            if pcfg.augment:
+                xb = random_crop_flip(xb, g)
+            yb = y[idx].to(device)
+            logits = head(model(xb))
+            loss = F.cross_entropy(logits, yb, label_smoothing=pcfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(yb)
+            loss_sum += loss.item() * len(yb)
+            bar.update()
+        history.append({"epoch": epoch, "loss": loss_sum / seen, "train_acc": correct / seen})
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    bar.close()
+    model.eval()
+    return {"history": history, "n_samples": len(y), "n_classes": n_classes}
+
+
+def get_pretrained(
+    cfg: BackboneConfig,
+    bench: Benchmark,
+    *,
+    data_root: Path,
+    cache_dir: Path,
+    seed: int,
+    device: torch.device,
+    progress: bool = False,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Return cached pretrained weights for ``cfg``, training them first if needed.
+
+    Returns:
+        (state_dict of the ``num_classes=0`` model, provenance dict).
+    """
+    pcfg = cfg.weights.pretrain or PretrainConfig()
+    x, y, transform, description = pretraining_data(pcfg, bench, data_root, seed)
+    key = pretrain_key(cfg, pcfg, x, y, transform)
+    path = cache_dir / "backbones" / f"{cfg.name}-{key}.safetensors"
+    meta_path = path.with_suffix(".json")
+    if path.is_file() and meta_path.is_file():
+        state = load_file(str(path))
+        meta = json.loads(meta_path.read_text())
+        if state_dict_sha256(state) == meta.get("sha256"):
+            return state, {**meta, "cache": "hit"}
+    kwargs = dict(cfg.kwargs)
+    kwargs.setdefault("in_chans", transform.channels)
+    torch.manual_seed(pcfg.seed)
+    model = timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
+    start = time.perf_counter()
+    stats = train_supervised(model, x, y, transform, pcfg, device, progress)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "pretrained_on": description,
+        "key": key,
+        "path": str(path),
+        "sha256": state_dict_sha256(state),
+        "arch": cfg.name,
+        "kwargs": kwargs,
+        "pretrain": pcfg.model_dump(mode="json"),
+        "transform": transform.to_dict(),
+        "data_sha256": tensor_sha256(x, y),
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "git": git_info(),
+        "packages": package_versions(),
+        **stats,
+    }
+    atomic_save(path, lambda tmp: save_file(state, str(tmp), metadata={"sha256": meta["sha256"]}))
+    write_json(meta_path, meta)
+    return state, {**meta, "cache": "miss"}
