@@ -1,0 +1,189 @@
+"""The strategy contract and the small amount of machinery every strategy shares.
+
+A strategy owns its model, optimiser and memory, and nothing else; the loop in
+:mod:`cl.engine.loop` owns the data and calls, per experience::
+
+    before_experience(exp)
+    observe(x, y, task_id)   # once per mini-batch; returns named loss terms
+    after_experience(exp)
+    predict(x, task_id)      # scores over the whole label space, -inf where it cannot score
+
+``x`` is always what the loop stores: cached float features when the backbone is frozen and the
+strategy only needs features, uint8 images otherwise. :meth:`Strategy.encode` turns either into
+features, so one implementation serves both paths, and replay buffers store the compact form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from cl.config import StrategyConfig, TrainConfig
+from cl.data.benchmark import Experience
+from cl.memory import ReplayMemory
+from cl.models.backbone import Backbone
+
+
+@dataclass
+class StrategyContext:
+    """What the loop tells a strategy about the run."""
+
+    n_classes: int
+    scenario: str  # class_incremental | task_incremental | online
+    backbone: Backbone
+    feature_dim: int
+    cached_features: bool  # inputs are backbone features, not images
+    device: torch.device
+    seed: int
+    train: TrainConfig
+
+
+class OptimConfig(StrategyConfig):
+    """Optimiser fields shared by gradient-based strategies."""
+
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
+    weight_decay: float = Field(0.0, ge=0)
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if not params:
+        raise ValueError("no trainable parameters")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def masked_cross_entropy(logits: Tensor, y: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Cross-entropy where sample ``i`` competes only over classes ``[lo_i, hi_i)``."""
+    classes = torch.arange(logits.shape[1], device=logits.device)
+    outside = (classes < lo[:, None]) | (classes >= hi[:, None])
+    return F.cross_entropy(logits.masked_fill(outside, float("-inf")), y)
+
+
+def _tensor_bytes(t: Tensor) -> int:
+    return t.element_size() * t.numel()
+
+
+class Strategy:
+    """Base class. Subclasses set the class attributes and implement observe/predict.
+
+    Class attributes:
+        input_kind: "features" if the strategy only needs features of the (frozen) backbone,
+            so the loop may hand it cached features; "images" if it needs pixels.
+        data_policy: "current" trains on the current experience; "cumulative" on all so far.
+        max_epochs: cap on epochs per experience (1 for single-pass statistics like prototypes).
+        task_aware_predict: True if ``predict`` uses the task id (else the loop reuses scores).
+        stateful: attribute names whose state goes into checkpoints.
+    """
+
+    input_kind: ClassVar[Literal["features", "images"]] = "features"
+    data_policy: ClassVar[Literal["current", "cumulative"]] = "current"
+    max_epochs: ClassVar[int | None] = None
+    task_aware_predict: ClassVar[bool] = False
+    stateful: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: StrategyConfig, ctx: StrategyContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.device = ctx.device
+        self.generator = torch.Generator().manual_seed(ctx.seed)
+        self.seen_classes = 0  # classes 0..seen_classes-1 have appeared
+        self.task_ranges: dict[int, tuple[int, int]] = {}
+
+    # ---- contract ---------------------------------------------------------------------------
+
+    def before_experience(self, exp: Experience) -> None:
+        self.task_ranges[exp.task_id] = exp.class_range
+        self.seen_classes = max(self.seen_classes, exp.class_range[1])
+
+    def observe(self, x: Tensor, y: Tensor, task_id: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def after_experience(self, exp: Experience) -> None:
+        pass
+
+    def predict(self, x: Tensor, task_id: int | None) -> Tensor:
+        raise NotImplementedError
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Features of a stored batch: cached features pass through, images go through the backbone."""
+        if self.ctx.cached_features:
+            return x.to(self.device, non_blocking=True).float()
+        backbone = self.ctx.backbone
+        return backbone.forward(backbone.transform(x, self.device))
+
+    def label_ranges(self, task_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample class range a sample competes over in the loss.
+
+        Task-incremental: its own task's classes (multi-head). Otherwise: all classes seen so far.
+        """
+        n = len(task_ids)
+        if self.ctx.scenario == "task_incremental":
+            lo = torch.tensor([self.task_ranges[int(t)][0] for t in task_ids], device=self.device)
+            hi = torch.tensor([self.task_ranges[int(t)][1] for t in task_ids], device=self.device)
+            return lo, hi
+        return torch.zeros(n, dtype=torch.long, device=self.device), torch.full((n,), self.seen_classes, device=self.device)
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Backbone parameters the freeze policy trains (none when features are cached)."""
+        return [] if self.ctx.cached_features else self.ctx.backbone.trainable_parameters()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Everything the strategy trains (for the ``trainable_params`` metric)."""
+        return self.backbone_parameters()
+
+    def train_mode(self, mode: bool) -> None:
+        if not self.ctx.cached_features:
+            self.ctx.backbone.set_train(mode)
+
+    def storage_bytes(self) -> int:
+        """Bytes the strategy must keep to serve the classes seen so far.
+
+        Excludes the frozen backbone and the replay memory (reported separately). A trained
+        backbone counts in full: it has to be stored.
+        """
+        return sum(_tensor_bytes(p) for p in self.backbone_parameters())
+
+    @property
+    def memory(self) -> ReplayMemory | None:
+        return getattr(self, "_memory", None)
+
+    # ---- checkpointing ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "generator": self.generator.get_state(),
+            "seen_classes": self.seen_classes,
+            "task_ranges": {int(k): list(v) for k, v in self.task_ranges.items()},
+        }
+        if self.backbone_parameters():
+            state["backbone"] = self.ctx.backbone.model.state_dict()
+        for name in self.stateful:
+            value = getattr(self, name)
+            state[name] = value.state_dict() if hasattr(value, "state_dict") else value
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.seen_classes = int(state["seen_classes"])
+        self.task_ranges = {int(k): (int(v[0]), int(v[1])) for k, v in state["task_ranges"].items()}
+        if "backbone" in state:
+            self.ctx.backbone.model.load_state_dict(state["backbone"])
+        for name in self.stateful:
+            value = getattr(self, name)
+            if hasattr(value, "load_state_dict"):
+                value.load_state_dict(state[name])
+            elif isinstance(value, Tensor):
+                value.copy_(state[name])
+            else:
+                setattr(self, name, state[name])
