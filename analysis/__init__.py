@@ -1,0 +1,1 @@
+"""Analysis: metrics, plots, representational shift, run comparison."""
