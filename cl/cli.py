@@ -1,0 +1,133 @@
+"""Command line: ``cl run | sweep | pretrain | list`` (also ``python -m cl``).
+
+Input errors (bad config, missing data, unusable weights, run directory in the wrong state) are
+printed as one line and exit with code 2; no traceback, no run directory left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import sys
+import warnings
+from typing import Sequence
+
+from cl.errors import UserError
+from cl.registry import UnknownNameError
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument("--out", default=None, help="root directory of run outputs (config key out_dir)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cl", description="Continual learning on pretrained timm backbones.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run one experiment config")
+    p.add_argument("config")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N experiences (resumable)")
+
+    p = sub.add_parser("sweep", help="run a suite (benchmarks x strategies x seeds) and compare")
+    p.add_argument("suite")
+    _common(p)
+    p.add_argument("--overwrite", action="store_true", help="re-run finished runs instead of reusing them")
+
+    p = sub.add_parser("pretrain", help="build and cache the pretrained backbone of a config")
+    p.add_argument("config")
+    _common(p)
+
+    p = sub.add_parser("list", help="list registered names")
+    p.add_argument("family", choices=["benchmarks", "backbones", "strategies", "peft"])
+    p.add_argument("pattern", nargs="?", default="*", help="glob filter, e.g. 'resnet*'")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from cl.config import load_run_config
+    from cl.engine.loop import run
+
+    overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
+    cfg = load_run_config(args.config, overrides)
+    metrics = run(cfg, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after)
+    if metrics is None:
+        print(f"stopped after {args.stop_after} experience(s); continue with --resume: {cfg.run_dir()}")
+        return 0
+    acc = metrics["task_aware"] if metrics["scenario"] == "task_incremental" else metrics
+    forgetting = acc["forgetting"]
+    print(
+        f"{cfg.run_dir()}: final_acc={acc['final_acc']:.4f} avg_incremental_acc={acc['avg_incremental_acc']:.4f} "
+        f"forgetting={'n/a' if forgetting is None else f'{forgetting:.4f}'} wall_time={metrics['wall_time_s']:.1f}s"
+    )
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from cl.engine.sweep import run_suite
+
+    text, outcomes = run_suite(args.suite, args.overrides, args.out, overwrite=args.overwrite)
+    print(text)
+    return 1 if any(o.error for o in outcomes) else 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from cl.config import load_run_config
+    from cl.data.benchmark import build_benchmark
+    from cl.engine.loop import build_backbone
+    from cl.utils import resolve_device
+
+    overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
+    cfg = load_run_config(args.config, overrides)
+    if cfg.backbone.weights.source != "pretrain":
+        raise UserError(f"backbone.weights.source is '{cfg.backbone.weights.source}'; nothing to pretrain")
+    device = resolve_device(cfg.device)
+    bench = build_benchmark(cfg.benchmark, cfg.resolved_data_root(), cfg.seed)
+    backbone = build_backbone(cfg, bench, device)
+    w = backbone.weights
+    print(f"{w.get('path')} sha256={w['sha256']} ({w.get('cache')}, pretrained on {w.get('pretrained_on')})")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from cl.registry import BACKBONES, BENCHMARKS, PEFT, STRATEGIES
+
+    family = {"benchmarks": BENCHMARKS, "backbones": BACKBONES, "strategies": STRATEGIES, "peft": PEFT}[args.family]
+    rows = [(n, h) for n, h in family.describe() if fnmatch.fnmatch(n, args.pattern)]
+    width = max((len(n) for n, _ in rows), default=0)
+    for name, text in rows:
+        print(f"{name:<{width}}  {text}".rstrip())
+    if not rows:
+        print(f"(no {args.family} match '{args.pattern}')")
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "sweep": _cmd_sweep, "pretrain": _cmd_pretrain, "list": _cmd_list}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message="no QP solver found")
+    try:
+        return COMMANDS[args.command](args)
+    except (UserError, UnknownNameError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as err:
+        from cl.engine.loop import TrainingDiverged
+
+        if isinstance(err, TrainingDiverged):
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

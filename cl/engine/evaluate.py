@@ -1,0 +1,71 @@
+"""Evaluation of a strategy on test experiences: class-incremental and task-aware accuracy."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cl.data.benchmark import Experience
+
+
+@torch.no_grad()
+def evaluate(
+    strategy: object, experiences: list[Experience], trained: int, batch_size: int, future: bool
+) -> tuple[list[float | None], list[float | None]]:
+    """One row of the class-incremental and of the task-aware accuracy matrix.
+
+    Args:
+        strategy: anything with ``predict(x, task_id)`` and a ``task_aware_predict`` flag.
+        experiences: all experiences (their test splits are used).
+        trained: number of experiences trained so far (0 = before training).
+        batch_size: evaluation batch size.
+        future: also evaluate tasks not trained yet (task-aware only; needed for forward transfer).
+
+    Returns:
+        (cil, til). Class-incremental accuracy takes the argmax over all classes seen so far and is
+        None for untrained tasks. Task-aware accuracy takes the argmax over the task's own classes,
+        with ``predict`` given the task id when the strategy uses it; it is None where the strategy
+        cannot score the task's classes (non-finite scores) or when not evaluated.
+    """
+    n_seen = experiences[trained - 1].class_range[1] if trained else 0
+    aware = getattr(strategy, "task_aware_predict", False)
+    cil: list[float | None] = []
+    til: list[float | None] = []
+    for j, exp in enumerate(experiences):
+        is_future = j >= trained
+        if is_future and not future:
+            cil.append(None)
+            til.append(None)
+            continue
+        lo, hi = exp.class_range
+        hits_cil = hits_til = 0
+        til_defined = True
+        for xb, yb in exp.test.batches(batch_size):
+            scores = strategy.predict(xb, None)  # type: ignore[attr-defined]
+            if not is_future:
+                hits_cil += int((scores[:, :n_seen].argmax(1).cpu() == yb).sum())
+            task_scores = (strategy.predict(xb, j) if aware else scores)[:, lo:hi]  # type: ignore[attr-defined]
+            if not torch.isfinite(task_scores).all():
+                til_defined = False
+                continue
+            hits_til += int(((task_scores.argmax(1) + lo).cpu() == yb).sum())
+        n = max(len(exp.test), 1)
+        cil.append(None if is_future else hits_cil / n)
+        til.append(hits_til / n if til_defined else None)
+    return cil, til
+
+
+@torch.no_grad()
+def accuracy_on_classes(strategy: object, x: Tensor, y: Tensor, classes: Tensor, batch_size: int) -> float | None:
+    """Accuracy on samples whose label is in ``classes`` (bool mask), argmax over those classes only."""
+    keep = classes[y]
+    if not keep.any():
+        return None
+    x, y = x[keep], y[keep]
+    allowed = classes.to(torch.bool)
+    hits = 0
+    for start in range(0, len(y), batch_size):
+        scores = strategy.predict(x[start : start + batch_size], None)  # type: ignore[attr-defined]
+        scores = scores.masked_fill(~allowed.to(scores.device)[None, :], float("-inf"))
+        hits += int((scores.argmax(1).cpu() == y[start : start + batch_size]).sum())
+    return hits / len(y)

@@ -1,0 +1,390 @@
+"""The training loop: one explicit pass over the experiences of a stream.
+
+::
+
+    prepare(cfg)                       # all input checks, data, backbone, feature cache, strategy
+    for each experience i:
+        strategy.before_experience(exp)
+        for batch in (epochs x batches | one online pass):
+            strategy.observe(x, y, task_id)
+            (online: every k samples, anytime accuracy on the classes seen so far)
+        strategy.after_experience(exp)
+        evaluate every test task -> row i of the accuracy matrices
+        checkpoint
+    metrics.json + plots
+
+Everything that can fail because of the user's input happens in :func:`prepare`, before the run
+directory is touched, so bad input never leaves a half-written run behind.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from analysis import metrics as M
+from analysis.plots import accuracy_heatmap, anytime_curve, forgetting_curves
+from cl.config import RunConfig
+from cl.data.benchmark import Benchmark, Experience, Split, build_benchmark
+from cl.engine.checkpoint import load_checkpoint, save_checkpoint
+from cl.engine.evaluate import accuracy_on_classes, evaluate
+from cl.engine.rundir import JsonlLog, open_run_dir, result_hash, write_config
+from cl.models.backbone import Backbone, check_input, create_backbone
+from cl.models.features import cached_features
+from cl.models.pretrain import get_pretrained
+from cl.registry import STRATEGIES
+from cl.utils import environment_info, peak_rss_mb, resolve_device, seed_everything, write_json
+from strategies.base import Strategy, StrategyContext
+
+
+# backbone provenance repeated in metrics.json (env.json has all of it)
+BACKBONE_SUMMARY = ("source", "sha256", "path", "file_sha256", "pretrained_on", "key", "cache", "hf_hub_id", "url", "tag")
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig
+    bench: Benchmark  # inputs as the strategy receives them (features when cached)
+    backbone: Backbone
+    strategy: Strategy
+    device: torch.device
+    setup: dict[str, Any] = field(default_factory=dict)
+
+
+def build_backbone(cfg: RunConfig, bench: Benchmark, device: torch.device) -> Backbone:
+    state, info = None, None
+    if cfg.backbone.weights.source == "pretrain":
+        state, info = get_pretrained(
+            cfg.backbone, bench, data_root=cfg.resolved_data_root(), cache_dir=cfg.resolved_cache_dir(),
+            seed=cfg.seed, device=device, progress=cfg.progress,
+        )
+    backbone = create_backbone(cfg.backbone, bench.transform, seed=cfg.seed, pretrained_state=state, pretrain_info=info)
+    backbone.model.to(device)
+    check_input(backbone, bench.input_shape, device)
+    return backbone
+
+
+def prepare_inputs(cfg: RunConfig, want_features: bool) -> tuple[Benchmark, Backbone, dict[str, Any]]:
+    """Benchmark and backbone of a run, with cached features in place of images when possible.
+
+    Returns:
+        (benchmark as the strategy will see it, backbone, setup info: timings and cache states).
+    """
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    t0 = time.perf_counter()
+    bench = build_benchmark(cfg.benchmark, cfg.resolved_data_root(), cfg.seed)
+    t1 = time.perf_counter()
+    backbone = build_backbone(cfg, bench, device)
+    t2 = time.perf_counter()
+    info: dict[str, Any] = {"data_time_s": t1 - t0, "backbone_time_s": t2 - t1, "feature_cache": None, "feature_time_s": 0.0}
+    if want_features and backbone.frozen and cfg.backbone.cache_features:
+        train_x, test_x, hit = cached_features(
+            backbone, bench, cache_dir=cfg.resolved_cache_dir(), batch_size=cfg.train.eval_batch_size,
+            device=device, progress=cfg.progress,
+        )
+        bench = bench.with_inputs(train_x, test_x)
+        info.update(feature_cache="hit" if hit else "miss", feature_time_s=time.perf_counter() - t2)
+    return bench, backbone, info
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Build everything a run needs; raises UserError subclasses on bad input."""
+    start = time.perf_counter()
+    strategy_cls = STRATEGIES.get(cfg.strategy.name)
+    bench, backbone, setup = prepare_inputs(cfg, want_features=strategy_cls.input_kind == "features")
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)  # strategy initialisation does not depend on what setup consumed
+    ctx = StrategyContext(
+        n_classes=bench.n_classes, scenario=cfg.benchmark.scenario, backbone=backbone,
+        feature_dim=backbone.feature_dim, cached_features=setup["feature_cache"] is not None,
+        device=device, seed=cfg.seed, train=cfg.train,
+    )
+    strategy = strategy_cls(cfg.strategy, ctx)
+    setup["setup_time_s"] = time.perf_counter() - start
+    return Prepared(cfg, bench, backbone, strategy, device, setup)
+
+
+def _anytime_eval_set(bench: Benchmark, per_class: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    g = torch.Generator().manual_seed(seed + 7919)
+    for exp in bench.experiences:
+        for c in exp.classes:
+            idx = torch.nonzero(exp.test.y == c).flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)][:per_class] if per_class else idx
+            xs.append(exp.test.x[idx])
+            ys.append(exp.test.y[idx])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _training_data(bench: Benchmark, i: int, policy: str) -> Split:
+    if policy == "current":
+        return bench.experiences[i].train
+    parts = [e.train for e in bench.experiences[: i + 1]]
+    return Split(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+
+
+class _LossMeter:
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+
+    def add(self, terms: dict[str, float], where: str) -> None:
+        for k, v in terms.items():
+            if not math.isfinite(v):
+                raise TrainingDiverged(f"loss term '{k}' became {v} ({where}); the last good checkpoint is kept")
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+
+
+def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop_after: int | None = None) -> dict[str, Any] | None:
+    """Run one configured experiment end to end.
+
+    Args:
+        cfg: validated run config.
+        resume: continue an unfinished run from its last checkpoint (a finished run is returned as is).
+        overwrite: delete an existing run directory first.
+        stop_after: stop (checkpointed, unfinished) after this many experiences; used to test resume.
+
+    Returns:
+        The metrics dict (also written to ``metrics.json``), or None if stopped early.
+    """
+    prep = prepare(cfg)  # every input error surfaces here, before the run directory exists
+    run_dir, mode = open_run_dir(cfg, resume=resume, overwrite=overwrite)
+    if mode == "finished":
+        import json
+
+        return json.loads((run_dir / "metrics.json").read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return _Loop(prep, run_dir, resume=mode == "resume").run(stop_after)
+
+
+class _Loop:
+    def __init__(self, prep: Prepared, run_dir: Path, resume: bool) -> None:
+        self.prep, self.cfg, self.run_dir = prep, prep.cfg, run_dir
+        self.strategy, self.bench = prep.strategy, prep.bench
+        self.exps = self.bench.experiences
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.rows_cil: list[list[float | None]] = []
+        self.rows_til: list[list[float | None]] = []
+        self.initial_til: list[float | None] | None = None
+        self.anytime: list[list[float]] = []  # [samples seen, accuracy, experience]
+        self.stored_bytes: list[int] = []
+        self.samples_seen = 0
+        self.train_time = self.eval_time = 0.0
+        self.elapsed_before = 0.0
+        self.next_exp = 0
+        ckpt = load_checkpoint(run_dir / "ckpt") if resume else None
+        if ckpt is not None:
+            self._restore(ckpt)
+        else:
+            write_config(run_dir, self.cfg)
+            write_json(run_dir / "env.json", self._env())
+        self.log = JsonlLog(run_dir / "log.jsonl", truncate_to=ckpt["log_offset"] if ckpt else None)
+        if ckpt is None:
+            self.log.write("run_start", run_dir=str(run_dir), **prep.setup)
+        else:
+            self.log.write("resume", next_experience=self.next_exp)
+
+    # ---- provenance and checkpoints -------------------------------------------------------
+
+    def _env(self) -> dict[str, Any]:
+        return {
+            **environment_info(self.prep.device),
+            "seed": self.cfg.seed,
+            "config_hash": result_hash(self.cfg),
+            "backbone": {"name": self.prep.backbone.name, "freeze": self.prep.backbone.freeze, **self.prep.backbone.weights},
+            "benchmark": self.bench.describe(),
+            "input_transform": self.prep.backbone.transform.to_dict(),
+            "cached_features": self.strategy.ctx.cached_features,
+        }
+
+    def _checkpoint(self) -> None:
+        if not self.cfg.train.checkpoint:
+            return
+        save_checkpoint(
+            self.run_dir / "ckpt",
+            {
+                "config_hash": result_hash(self.cfg),
+                "next_experience": self.next_exp,
+                "strategy": self.strategy.state_dict(),
+                "rows_cil": self.rows_cil,
+                "rows_til": self.rows_til,
+                "initial_til": self.initial_til,
+                "anytime": self.anytime,
+                "stored_bytes": self.stored_bytes,
+                "samples_seen": self.samples_seen,
+                "train_time": self.train_time,
+                "eval_time": self.eval_time,
+                "elapsed": self.elapsed_before + time.perf_counter() - self.started,
+                "generator": self.generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "log_offset": self.log.offset,
+            },
+        )
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(ckpt["strategy"])
+        self.next_exp = ckpt["next_experience"]
+        self.rows_cil, self.rows_til = ckpt["rows_cil"], ckpt["rows_til"]
+        self.initial_til, self.anytime = ckpt["initial_til"], ckpt["anytime"]
+        self.stored_bytes, self.samples_seen = ckpt["stored_bytes"], ckpt["samples_seen"]
+        self.train_time, self.eval_time = ckpt["train_time"], ckpt["eval_time"]
+        self.elapsed_before = ckpt["elapsed"]
+        self.generator.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self, stop_after: int | None) -> dict[str, Any] | None:
+        self.started = time.perf_counter()
+        cfg = self.cfg
+        online = cfg.benchmark.scenario == "online"
+        if online:
+            self.anytime_x, self.anytime_y = _anytime_eval_set(self.bench, cfg.benchmark.online.eval_test_per_class, cfg.seed)
+            self.observed = torch.zeros(self.bench.n_classes, dtype=torch.bool)
+            for e in self.exps[: self.next_exp]:  # classes observed before a resume
+                self.observed[e.classes] = True
+        if self.next_exp == 0 and self.initial_til is None and cfg.train.eval_future_tasks:
+            _, self.initial_til = self._evaluate(0)
+        bar = tqdm(range(self.next_exp, len(self.exps)), desc=cfg.name, disable=None if cfg.progress else True, initial=self.next_exp, total=len(self.exps))
+        for i in bar:
+            exp = self.exps[i]
+            self.strategy.before_experience(exp)
+            t0 = time.perf_counter()
+            if online:
+                self._train_online(exp)
+            else:
+                self._train_offline(exp, i)
+            self.strategy.after_experience(exp)
+            self.train_time += time.perf_counter() - t0
+            cil, til = self._evaluate(i + 1)
+            self.rows_cil.append(cil)
+            self.rows_til.append(til)
+            self.stored_bytes.append(int(self.strategy.storage_bytes()))
+            seen_acc = M.seen_classes_acc(cil, self._n_test(), i)
+            self.log.write("eval", experience=i, acc_cil=cil, acc_task_aware=til, acc_seen_classes=seen_acc)
+            bar.set_postfix(acc=f"{seen_acc:.3f}")
+            self.next_exp = i + 1
+            self._checkpoint()
+            if stop_after is not None and self.next_exp >= stop_after and self.next_exp < len(self.exps):
+                self.log.write("stopped", next_experience=self.next_exp)
+                self.log.close()
+                return None
+        bar.close()
+        return self._finish()
+
+    def _train_offline(self, exp: Experience, i: int) -> None:
+        data = _training_data(self.bench, i, self.strategy.data_policy)
+        epochs = min(self.cfg.train.epochs, self.strategy.max_epochs or self.cfg.train.epochs)
+        for epoch in range(epochs):
+            meter = _LossMeter()
+            for xb, yb in data.batches(self.cfg.train.batch_size, self.generator):
+                meter.add(self.strategy.observe(xb, yb, exp.task_id), f"experience {i}, epoch {epoch}")
+                self.samples_seen += len(yb)
+            self.log.write("epoch", experience=i, epoch=epoch, steps=meter.steps, **meter.means())
+
+    def _train_online(self, exp: Experience) -> None:
+        online = self.cfg.benchmark.online
+        meter = _LossMeter()
+        next_eval = (self.samples_seen // online.eval_every + 1) * online.eval_every
+        for xb, yb in exp.train.batches(online.batch_size, self.generator):  # single pass
+            meter.add(self.strategy.observe(xb, yb, exp.task_id), f"experience {exp.index}, sample {self.samples_seen}")
+            self.samples_seen += len(yb)
+            self.observed[yb] = True
+            if self.samples_seen >= next_eval:
+                t0 = time.perf_counter()
+                acc = accuracy_on_classes(self.strategy, self.anytime_x, self.anytime_y, self.observed, self.cfg.train.eval_batch_size)
+                self.eval_time += time.perf_counter() - t0
+                if acc is not None:
+                    self.anytime.append([self.samples_seen, acc, exp.index])
+                    self.log.write("anytime", samples=self.samples_seen, acc=acc, experience=exp.index)
+                next_eval += online.eval_every
+        self.log.write("epoch", experience=exp.index, epoch=0, steps=meter.steps, **meter.means())
+
+    def _evaluate(self, trained: int) -> tuple[list[float | None], list[float | None]]:
+        t0 = time.perf_counter()
+        rows = evaluate(self.strategy, self.exps, trained, self.cfg.train.eval_batch_size, self.cfg.train.eval_future_tasks)
+        self.eval_time += time.perf_counter() - t0
+        return rows
+
+    # ---- results ----------------------------------------------------------------------------
+
+    def _n_test(self) -> list[int]:
+        return [len(e.test) for e in self.exps]
+
+    def _finish(self) -> dict[str, Any]:
+        cfg, strategy = self.cfg, self.strategy
+        n_test = self._n_test()
+        wall = self.elapsed_before + time.perf_counter() - self.started + self.prep.setup["setup_time_s"]
+        memory = strategy.memory
+        result: dict[str, Any] = {
+            "experiment": cfg.experiment,
+            "run": cfg.name,
+            "strategy": cfg.strategy.name,
+            "seed": cfg.seed,
+            "scenario": cfg.benchmark.scenario,
+            "n_experiences": len(self.exps),
+            "classes_per_experience": [len(e.classes) for e in self.exps],
+            "n_test_per_task": n_test,
+            "acc_matrix": M.to_json_matrix(self.rows_cil),
+            "acc_matrix_task_aware": M.to_json_matrix(self.rows_til),
+            "initial_acc_task_aware": self.initial_til,
+            # FWT stays None here: class-incremental accuracy on unseen classes is not evaluated.
+            **M.summarize(self.rows_cil, n_test),
+            "task_aware": M.summarize(self.rows_til, n_test, self.initial_til),
+            "trainable_params": sum(p.numel() for p in strategy.trainable_parameters()),
+            "stored_bytes": self.stored_bytes,
+            "stored_bytes_per_task": [b - a for a, b in zip([0] + self.stored_bytes[:-1], self.stored_bytes)],
+            "memory_size": len(memory) if memory is not None else 0,
+            "memory_bytes": memory.nbytes if memory is not None else 0,
+            "wall_time_s": wall,
+            **{k: v for k, v in self.prep.setup.items() if k.endswith("_time_s")},
+            "train_time_s": self.train_time,
+            "eval_time_s": self.eval_time,
+            "train_samples_per_s": self.samples_seen / self.train_time if self.train_time > 0 else None,
+            "peak_rss_mb": peak_rss_mb(),
+            "cached_features": strategy.ctx.cached_features,
+            "feature_cache": self.prep.setup.get("feature_cache"),
+            "backbone": {"name": self.prep.backbone.name, **{k: v for k, v in self.prep.backbone.weights.items() if k in BACKBONE_SUMMARY}},
+        }
+        if cfg.benchmark.scenario == "online":
+            accs = [a[1] for a in self.anytime]
+            result["anytime"] = {"samples": [int(a[0]) for a in self.anytime], "acc": accs, "experience": [int(a[2]) for a in self.anytime]}
+            result["avg_anytime_acc"] = M.avg_anytime_acc(accs)
+        self._plots(result)
+        write_json(self.run_dir / "metrics.json", result)  # last: its presence marks the run finished
+        self.log.write("run_end", wall_time_s=wall, final_acc=result["final_acc"])
+        self.log.close()
+        return result
+
+    def _plots(self, result: dict[str, Any]) -> None:
+        plots = self.run_dir / "plots"
+        title = f"{self.cfg.experiment} / {self.cfg.name} / seed {self.cfg.seed}"
+        names = self.bench.class_names
+        labels = [",".join(names[c] for c in e.classes) if len(e.classes) <= 2 else f"{len(e.classes)} classes" for e in self.exps]
+        forgetting_curves(self.rows_cil, result["n_test_per_task"], plots / "forgetting_curves.png", title, labels)
+        accuracy_heatmap(self.rows_cil, plots / "acc_matrix.png", f"{title}: class-incremental accuracy (%)")
+        accuracy_heatmap(self.rows_til, plots / "acc_matrix_task_aware.png", f"{title}: task-aware accuracy (%)")
+        if "anytime" in result and result["anytime"]["samples"]:
+            bounds = []
+            total = 0
+            for e in self.exps[:-1]:
+                total += len(e.train)
+                bounds.append(total)
+            anytime_curve(result["anytime"]["samples"], result["anytime"]["acc"], plots / "anytime.png", bounds, title)
