@@ -187,3 +187,10 @@ class Strategy:
                 value.copy_(state[name])
             else:
                 setattr(self, name, state[name])
+
+
+def create_strategy(cfg: StrategyConfig, ctx: StrategyContext) -> Strategy:
+    """Build the strategy named by ``cfg.name`` (its config class was chosen by the same name)."""
+    from cl.registry import STRATEGIES
+
+    return STRATEGIES.get(cfg.name)(cfg, ctx)

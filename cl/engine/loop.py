@@ -40,7 +40,7 @@ from cl.models.features import cached_features
 from cl.models.pretrain import get_pretrained
 from cl.registry import STRATEGIES
 from cl.utils import environment_info, peak_rss_mb, resolve_device, seed_everything, write_json
-from strategies.base import Strategy, StrategyContext
+from strategies.base import Strategy, StrategyContext, create_strategy
 
 
 # backbone provenance repeated in metrics.json (env.json has all of it)
@@ -112,7 +112,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         feature_dim=backbone.feature_dim, cached_features=setup["feature_cache"] is not None,
         device=device, seed=cfg.seed, train=cfg.train,
     )
-    strategy = strategy_cls(cfg.strategy, ctx)
+    strategy = create_strategy(cfg.strategy, ctx)
     setup["setup_time_s"] = time.perf_counter() - start
     return Prepared(cfg, bench, backbone, strategy, device, setup)
 
