@@ -19,6 +19,7 @@ directory is touched, so bad input never leaves a half-written run behind.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -167,8 +168,6 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop_a
     prep = prepare(cfg)  # every input error surfaces here, before the run directory exists
     run_dir, mode = open_run_dir(cfg, resume=resume, overwrite=overwrite)
     if mode == "finished":
-        import json
-
         return json.loads((run_dir / "metrics.json").read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     return _Loop(prep, run_dir, resume=mode == "resume").run(stop_after)
