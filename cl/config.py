@@ -181,6 +181,14 @@ class TrainConfig(Model):
     checkpoint: bool = Field(True, description="checkpoint after every experience (needed for --resume)")
 
 
+class ShiftConfig(Model):
+    enabled: bool = Field(False, description="save probe features after every experience (cl shift RUN_DIR)")
+    per_class: int = Field(20, ge=1, description="test samples per class in each task's probe set")
+    layers: list[int] | None = Field(None, description="forward_intermediates block indices (null = all)")
+    bn_stats: bool = Field(True, description="also record BatchNorm running vs true input means")
+    seed: int = 0
+
+
 class RunConfig(Model):
     experiment: str = Field("default", pattern=r"^[A-Za-z0-9_.\-/]+$")
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$", description="default: strategy name")
@@ -195,6 +203,7 @@ class RunConfig(Model):
     backbone: BackboneConfig
     strategy: Annotated[StrategyConfig, Polymorphic(STRATEGIES)]
     train: TrainConfig = Field(default_factory=TrainConfig)
+    shift: ShiftConfig = Field(default_factory=ShiftConfig)
 
     @property
     def name(self) -> str:

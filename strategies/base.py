@@ -113,6 +113,27 @@ class Strategy:
     def predict(self, x: Tensor, task_id: int | None) -> Tensor:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def probe(self, x: Tensor, images: Tensor, task_id: int, layers: list[int] | None = None, bn: bool = True) -> dict[str, Tensor]:
+        """Representations of a probe batch for shift analysis (``cl.engine.probes``).
+
+        Args:
+            x: the probe samples as the strategy stores them (features or uint8 images).
+            images: the same samples as uint8 images, for the backbone's per-block features.
+            task_id: the task the probe set belongs to (task-aware strategies route by it).
+
+        Returns:
+            ``feat/<layer>`` pooled features per backbone block and ``feat/embedding`` (what the
+            classifier sees), ``bn_batch/<layer>`` / ``bn_running/<layer>`` BatchNorm input means.
+            Strategies that swap per-task state override this to set task ``task_id``'s state first.
+        """
+        from cl.models.probe import backbone_probe
+
+        self.train_mode(False)
+        out = backbone_probe(self.ctx.backbone, images, self.device, layers, bn)
+        out["feat/embedding"] = self.encode(x).float()
+        return out
+
     # ---- helpers ----------------------------------------------------------------------------
 
     def encode(self, x: Tensor) -> Tensor:
