@@ -179,3 +179,21 @@ def test_digits_source(tmp: Path):
     assert total == 1797 and b.source.x_train.shape[1:] == (1, 8, 8)
     assert abs(len(b.source.y_test) / total - 0.2) < 0.01
     assert int(b.source.x_train.max()) == 255
+
+
+def test_channel_stats_are_exact_and_thread_independent():
+    """They feed cache keys shared across processes with different thread counts."""
+    from cl.data.sources import SourceData
+
+    x = torch.randint(0, 256, (300, 3, 5, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    src = SourceData(x, torch.zeros(300, dtype=torch.long), x[:1], torch.zeros(1, dtype=torch.long), ["a"], "f", "o")
+    mean, std = src.channel_stats()
+    ref = x.double() / 255
+    assert torch.allclose(torch.tensor(mean, dtype=torch.float64), ref.mean((0, 2, 3)), rtol=1e-12)
+    assert torch.allclose(torch.tensor(std, dtype=torch.float64), ref.std((0, 2, 3)), rtol=1e-12)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert src.channel_stats() == (mean, std)
+    finally:
+        torch.set_num_threads(threads)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +54,18 @@ class SourceData:
         return int(self.x_train.shape[1])
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of the training images, in [0, 1] units."""
-        x = self.x_train.double().div_(255)
-        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+        """Per-channel mean and std of the training images, in [0, 1] units.
+
+        Computed from exact integer sums: a floating-point reduction's last bits depend on the
+        thread count, and these numbers are part of cache keys shared across processes.
+        """
+        x = self.x_train.transpose(0, 1).reshape(self.channels, -1).to(torch.int64)
+        n = x.shape[1]
+        s1 = x.sum(dim=1).tolist()
+        s2 = (x * x).sum(dim=1).tolist()
+        means = [a / n / 255 for a in s1]
+        stds = [math.sqrt(max(b - a * a / n, 0) / max(n - 1, 1)) / 255 for a, b in zip(s1, s2)]
+        return means, stds
 
 
 def _sha256(*chunks: bytes) -> str:
