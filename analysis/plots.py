@@ -117,3 +117,160 @@ def anytime_curve(samples: Sequence[int], accs: Sequence[float], path: str | Pat
     ax.grid(alpha=0.3)
     ax.set_title(title or "Anytime accuracy (dotted: experience boundaries)")
     return _save(fig, path)
+
+
+def _layer_colors(n: int) -> list:
+    cmap = plt.get_cmap("viridis")
+    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
+def cka_over_experiences(rows: Sequence[Mapping], layers: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """CKA of the first task's probe features, per layer, as later experiences are trained."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.2))
+    for color, layer in zip(_layer_colors(len(layers)), layers):
+        pts = sorted((r["experience"], r["cka"]) for r in rows if r["layer"] == layer and r["task"] == 0)
+        if pts:
+            ax.plot([p[0] + 1 for p in pts], [p[1] for p in pts], marker="o", ms=3, color=color, label=layer)
+    ax.set_xlabel("experiences trained")
+    ax.set_ylabel("CKA with features after task 1")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(title or "Representational shift of task 1, per layer")
+    ax.legend(fontsize=7, loc="lower left", ncol=2 if len(layers) > 6 else 1)
+    return _save(fig, path)
+
+
+def cka_by_layer(summary: Mapping, path: str | Path, title: str = "") -> Path:
+    """Bar chart: CKA and prototype drift per layer after the last experience (old tasks)."""
+    layers = list(summary["layers"])
+    cka = [summary["layers"][l]["cka"] or np.nan for l in layers]
+    drift = [summary["layers"][l]["prototype_rel_l2"] or np.nan for l in layers]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(max(7.0, 0.6 * len(layers) + 4), 3.8))
+    x = np.arange(len(layers))
+    a.bar(x, cka, color="tab:blue")
+    a.set_ylim(0, 1.02)
+    a.set_ylabel("CKA (mean over old tasks)")
+    b.bar(x, drift, color="tab:orange")
+    b.set_ylabel("prototype drift (relative L2)")
+    for ax in (a, b):
+        ax.set_xticks(x, layers, rotation=45, ha="right", fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title or "Shift per layer after the last experience")
+    return _save(fig, path)
+
+
+def bn_error_by_layer(summary: Mapping, path: str | Path, title: str = "", series: Mapping[str, Mapping] | None = None) -> Path:
+    """Per BatchNorm layer: error of the running mean used at test time against the true input mean.
+
+    Args:
+        summary: a :func:`analysis.shift.summarize_shift` result (its ``bn`` entry).
+        series: optional extra label -> {layer: rel error} lines (e.g. several runs or corrections).
+    """
+    layers = list(summary["bn"])
+    x = np.arange(len(layers))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.35 * len(layers) + 3), 4.0))
+    old = [summary["bn"][l]["old_tasks_rel_l2"] for l in layers]
+    cur = [summary["bn"][l]["current_task_rel_l2"] for l in layers]
+    ax.plot(x, [np.nan if v is None else v for v in old], marker="o", ms=3, label="old tasks")
+    ax.plot(x, [np.nan if v is None else v for v in cur], marker="s", ms=3, label="current task")
+    for label, values in (series or {}).items():
+        ax.plot(x, [values.get(l, np.nan) for l in layers], marker=".", label=label)
+    ax.set_xticks(x, layers, rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("running-mean error (relative L2)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "BatchNorm statistics at test time vs true means")
+    return _save(fig, path)
+
+
+def heatmap_grid(matrices: Mapping[str, np.ndarray], path: str | Path, title: str = "") -> Path:
+    """One accuracy-matrix heatmap per strategy, side by side, on a shared colour scale."""
+    n = len(matrices)
+    T = max(len(m) for m in matrices.values())
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    size = 1.2 + 0.45 * T
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size + 1.0, rows * size + 0.6), squeeze=False)
+    im = None
+    for ax, (name, A) in zip(axes.flat, matrices.items()):
+        im = ax.imshow(np.ma.masked_invalid(100 * A), vmin=0, vmax=100, cmap="magma")
+        if T <= 12:
+            for i in range(len(A)):
+                for j in range(len(A)):
+                    if not np.isnan(A[i, j]):
+                        ax.text(j, i, f"{100 * A[i, j]:.0f}", ha="center", va="center", fontsize=6, color="white" if A[i, j] < 0.6 else "black")
+        ticks = np.arange(len(A))
+        ax.set_xticks(ticks, [str(t + 1) for t in ticks], fontsize=7)
+        ax.set_yticks(ticks, [str(t + 1) for t in ticks], fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("test task", fontsize=8)
+        ax.set_ylabel("after experience", fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), label="accuracy (%)", fraction=0.03, pad=0.02)
+    fig.suptitle(title or "Accuracy matrices (%)")
+    return _save(fig, path)
+
+
+def anytime_compare(runs: Mapping[str, Sequence[Mapping]], path: str | Path, title: str = "") -> Path:
+    """Online runs: mean anytime accuracy (± std over seeds) vs stream samples, per strategy."""
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    for k, (name, seeds) in enumerate(runs.items()):
+        color = plt.get_cmap("tab10")(k % 10)
+        length = min(len(s["samples"]) for s in seeds)
+        x = np.asarray(seeds[0]["samples"][:length])
+        acc = 100 * np.array([s["acc"][:length] for s in seeds])
+        ax.plot(x, acc.mean(0), color=color, label=name, lw=1.4)
+        if len(seeds) > 1:
+            ax.fill_between(x, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0), color=color, alpha=0.15, lw=0)
+    ax.set_xlabel("stream samples seen")
+    ax.set_ylabel("accuracy on seen classes (%)")
+    ax.set_ylim(0, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Anytime accuracy")
+    return _save(fig, path)
+
+
+def cka_compare(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, title: str = "") -> Path:
+    """Per strategy: CKA of old tasks' features (mean over old tasks and seeds) per layer vs experience."""
+    n = len(curves)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 0.5, 3.8), squeeze=False, sharey=True)
+    for ax, (name, layers) in zip(axes.flat, curves.items()):
+        colors = _layer_colors(len(layers))
+        for color, (layer, values) in zip(colors, layers.items()):
+            x = np.arange(1, len(values) + 1)
+            ax.plot(x[1:], np.asarray(values, dtype=float)[1:], marker="o", ms=3, color=color, label=layer)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("experiences trained")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes.flat[0].set_ylabel("CKA (old tasks)")
+    axes.flat[-1].legend(fontsize=6, loc="lower left")
+    fig.suptitle(title or "Layer-wise CKA over experiences")
+    return _save(fig, path)
+
+
+def cost_scatter(points: Mapping[str, tuple[float | None, float | None, float | None]], path: str | Path, title: str = "") -> Path:
+    """Final accuracy vs trainable parameters and vs stored bytes (log scales)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.0), sharey=True)
+    for k, (name, (acc, params, stored)) in enumerate(points.items()):
+        color = plt.get_cmap("tab10")(k % 10)
+        if acc is None:
+            continue
+        for ax, x in ((a, params), (b, stored)):
+            if x is not None:
+                ax.scatter(max(x, 1), 100 * acc, color=color, s=40)
+                ax.annotate(name, (max(x, 1), 100 * acc), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    a.set_xlabel("trainable parameters (log)")
+    b.set_xlabel("stored bytes: strategy state + memory (log)")
+    a.set_ylabel("final accuracy (%)")
+    for ax in (a, b):
+        ax.set_xscale("log")
+        ax.margins(x=0.25, y=0.12)  # room for the labels
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(title or "Accuracy vs cost")
+    return _save(fig, path)

@@ -1,40 +1,116 @@
-"""Comparison of runs: aggregate metrics over seeds into tables (Markdown, CSV) and curves."""
+"""Comparing runs: aggregate every scalar of metrics.json over seeds, tables, plots and an HTML report.
+
+``cl compare RUN_DIR...`` (and the end of every ``cl sweep``) finds run directories below the given
+paths, groups them by experiment and run name, and writes:
+
+* ``summary.md`` / ``summary.csv``: the headline metrics, mean ± std over seeds with the 95%
+  confidence interval (Student t), one table per experiment;
+* ``metrics_long.csv``: every numeric scalar of metrics.json (``task_aware.*`` included) with n,
+  mean, std and CI;
+* ``plots/``: forgetting curves with seed bands, mean accuracy-matrix heatmaps, anytime accuracy
+  (online), layer-wise CKA over experiences (runs with probes), accuracy vs trainable parameters and
+  vs stored bytes;
+* ``report.html``: all of it in one self-contained file (plots embedded).
+
+Unfinished and failed runs, and groups missing seeds, are listed rather than silently dropped.
+"""
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import io
+import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import yaml
 
 from analysis.metrics import incremental_accs
 
-# (column title, metrics key, scale, format): accuracies in %, times in s
-COLUMNS_CIL = [
+# (column title, metrics key, scale, format)
+HEADLINE = [
     ("final acc (%)", "final_acc", 100.0, ".1f"),
     ("avg inc acc (%)", "avg_incremental_acc", 100.0, ".1f"),
     ("forgetting (%)", "forgetting", 100.0, ".1f"),
     ("BWT (%)", "bwt", 100.0, ".1f"),
     ("wall time (s)", "wall_time_s", 1.0, ".1f"),
 ]
-COLUMN_ANYTIME = ("avg anytime acc (%)", "avg_anytime_acc", 100.0, ".1f")
-
-
-def metric_value(metrics: dict[str, Any], key: str, task_aware: bool = False) -> float | None:
-    """A scalar from metrics.json; ``task_aware`` reads the task-aware summary for accuracy keys."""
-    source = metrics.get("task_aware", {}) if task_aware and key in metrics.get("task_aware", {}) else metrics
-    value = source.get(key)
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+ANYTIME = ("avg anytime acc (%)", "avg_anytime_acc", 100.0, ".1f")
+COST = [("trainable params", "trainable_params", 1.0, ".0f"), ("stored bytes", "stored_bytes_total", 1.0, ".0f")]
 
 
 @dataclass
-class Aggregate:
-    """Mean, std and count of one metric over seeds (None values are skipped)."""
+class RunRecord:
+    """One run directory (or a failed run that never got one)."""
 
+    path: Path
+    experiment: str
+    name: str
+    seed: int | None
+    metrics: dict[str, Any] | None = None
+    status: str = "finished"  # finished | unfinished | failed
+    error: str | None = None
+
+
+def _record_from_dir(run_dir: Path) -> RunRecord:
+    metrics = None
+    if (run_dir / "metrics.json").is_file():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    cfg: dict[str, Any] = {}
+    if (run_dir / "config.yaml").is_file():
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    experiment = (metrics or {}).get("experiment") or cfg.get("experiment") or run_dir.parent.parent.name
+    name = (metrics or {}).get("run") or cfg.get("run_name") or (cfg.get("strategy") or {}).get("name") or run_dir.parent.name
+    seed = (metrics or {}).get("seed", cfg.get("seed"))
+    return RunRecord(run_dir, experiment, name, seed, metrics, "finished" if metrics else "unfinished")
+
+
+def discover_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
+    """Run directories (holding config.yaml or metrics.json) below ``paths``, plus failures listed
+    in sweep ``outcomes.json`` files."""
+    found: dict[Path, RunRecord] = {}
+    failures: list[dict[str, Any]] = []
+    for root in map(Path, paths):
+        candidates = [root] if (root / "config.yaml").is_file() or (root / "metrics.json").is_file() else []
+        candidates += [p.parent for p in root.rglob("config.yaml") if "ckpt" not in p.parts]
+        candidates += [p.parent for p in root.rglob("metrics.json")]
+        for run_dir in candidates:
+            found.setdefault(run_dir.resolve(), _record_from_dir(run_dir))
+        for outcomes in root.rglob("outcomes.json"):
+            failures += [o for o in json.loads(outcomes.read_text()) if not o.get("ok")]
+    for f in failures:
+        path = Path(f["run_dir"]).resolve()
+        rec = found.get(path)
+        if rec is None:  # failed before its directory was created
+            rec = found[path] = RunRecord(path, f.get("experiment") or path.parent.parent.name, f.get("run") or path.parent.name, f.get("seed"), status="unfinished")
+        if rec.status != "finished":
+            rec.status, rec.error = "failed", f.get("error")
+    return sorted(found.values(), key=lambda r: (r.experiment, r.name, r.seed if r.seed is not None else -1))
+
+
+def scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Every numeric scalar of a metrics dict, nested keys joined with dots (lists are skipped)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or key in ("seed", "n_experiences"):
+            continue
+        if isinstance(value, (int, float)):
+            out[prefix + key] = float(value)
+        elif isinstance(value, dict) and key not in ("backbone", "anytime"):
+            out.update(scalars(value, f"{prefix}{key}."))
+    if not prefix and isinstance(metrics.get("stored_bytes"), list) and metrics["stored_bytes"]:
+        out["stored_bytes_total"] = float(metrics["stored_bytes"][-1] + metrics.get("memory_bytes", 0))
+    return out
+
+
+@dataclass
+class Stats:
     values: list[float] = field(default_factory=list)
 
     @property
@@ -47,37 +123,71 @@ class Aggregate:
 
     @property
     def std(self) -> float | None:
-        return float(np.std(self.values, ddof=1)) if self.n > 1 else (0.0 if self.n == 1 else None)
+        if self.n == 0:
+            return None
+        return float(np.std(self.values, ddof=1)) if self.n > 1 else 0.0
 
-    def format(self, scale: float, fmt: str) -> str:
+    @property
+    def ci95(self) -> tuple[float, float] | None:
+        """Student-t 95% interval of the mean; None with fewer than two values."""
+        if self.n < 2:
+            return None
+        from scipy import stats
+
+        half = float(stats.t.ppf(0.975, self.n - 1)) * self.std / math.sqrt(self.n)  # type: ignore[operator]
+        return self.mean - half, self.mean + half  # type: ignore[operator]
+
+    def format(self, scale: float = 1.0, fmt: str = ".3f", ci: bool = False) -> str:
         if self.mean is None:
             return "-"
         text = f"{self.mean * scale:{fmt}}"
-        return text + (f" ± {self.std * scale:{fmt}}" if self.n > 1 and self.std is not None else "")
+        if self.n > 1:
+            text += f" ± {self.std * scale:{fmt}}"  # type: ignore[operator]
+            if ci and self.ci95:
+                lo, hi = self.ci95
+                text += f" [{lo * scale:{fmt}}, {hi * scale:{fmt}}]"
+        return text
 
 
-def aggregate(runs: dict[str, list[dict[str, Any]]], keys: Iterable[str], task_aware: bool = False) -> dict[str, dict[str, Aggregate]]:
-    """run name -> metric -> Aggregate over that run's seeds."""
-    out: dict[str, dict[str, Aggregate]] = {}
-    for name, seeds in runs.items():
-        out[name] = {}
-        for key in keys:
-            agg = Aggregate()
-            for m in seeds:
-                v = metric_value(m, key, task_aware)
-                if v is not None:
-                    agg.values.append(v)
-            out[name][key] = agg
+def metric_key(key: str, task_aware: bool, metrics: dict[str, Any]) -> str:
+    """Task-incremental runs are compared on their task-aware accuracies."""
+    return f"task_aware.{key}" if task_aware and key in metrics.get("task_aware", {}) else key
+
+
+def aggregate(records: Sequence[RunRecord]) -> dict[str, Stats]:
+    out: dict[str, Stats] = {}
+    for rec in records:
+        if rec.metrics is None:
+            continue
+        for key, value in scalars(rec.metrics).items():
+            if not math.isnan(value):
+                out.setdefault(key, Stats()).values.append(value)
     return out
 
 
-def results_table(runs: dict[str, list[dict[str, Any]]], task_aware: bool = False, online: bool = False) -> tuple[list[str], list[list[str]]]:
-    columns = list(COLUMNS_CIL) + ([COLUMN_ANYTIME] if online else [])
-    agg = aggregate(runs, [c[1] for c in columns], task_aware)
+def group_runs(records: Sequence[RunRecord]) -> dict[str, dict[str, list[RunRecord]]]:
+    """experiment -> run name -> records (all statuses), in discovery order."""
+    groups: dict[str, dict[str, list[RunRecord]]] = {}
+    for rec in records:
+        groups.setdefault(rec.experiment, {}).setdefault(rec.name, []).append(rec)
+    return groups
+
+
+def headline_table(runs: dict[str, list[RunRecord]], ci: bool = False) -> tuple[list[str], list[list[str]]]:
+    finished = [r.metrics for recs in runs.values() for r in recs if r.metrics]
+    task_aware = bool(finished) and finished[0].get("scenario") == "task_incremental"
+    online = bool(finished) and finished[0].get("scenario") == "online"
+    columns = HEADLINE + ([ANYTIME] if online else []) + COST
     header = ["strategy", "seeds"] + [c[0] for c in columns]
     rows = []
-    for name, seeds in runs.items():
-        rows.append([name, str(len(seeds))] + [agg[name][key].format(scale, fmt) for _, key, scale, fmt in columns])
+    for name, recs in runs.items():
+        agg = aggregate(recs)
+        done = [r for r in recs if r.metrics]
+        cells = []
+        for _, key, scale, fmt in columns:
+            k = metric_key(key, task_aware, done[0].metrics) if done else key  # type: ignore[arg-type]
+            cells.append(agg.get(k, Stats()).format(scale, fmt, ci and key in ("final_acc", "avg_incremental_acc", "forgetting")))
+        rows.append([name, str(len(done))] + cells)
     return header, rows
 
 
@@ -93,12 +203,19 @@ def plain(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
 
 
-def to_csv(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
+def problems(runs: dict[str, list[RunRecord]]) -> list[str]:
+    """Human-readable notes: unfinished and failed runs, strategies missing seeds."""
+    notes = []
+    all_seeds = {r.seed for recs in runs.values() for r in recs if r.seed is not None}
+    for name, recs in runs.items():
+        for r in recs:
+            if r.status != "finished":
+                notes.append(f"{name} seed {r.seed}: {r.status}" + (f" ({r.error})" if r.error else "") + f" — {r.path}")
+        have = {r.seed for r in recs if r.status == "finished"}
+        missing = sorted(s for s in all_seeds - have if s is not None)
+        if missing:
+            notes.append(f"{name}: aggregated over {len(have)} seed(s); missing seed(s) {', '.join(map(str, missing))}")
+    return notes
 
 
 def mean_curves(seeds: list[dict[str, Any]], task_aware: bool = False) -> tuple[tuple[list[float], list[float]], tuple[list[float], list[float]]]:
@@ -109,23 +226,117 @@ def mean_curves(seeds: list[dict[str, Any]], task_aware: bool = False) -> tuple[
     return (seen.mean(0).tolist(), first.mean(0).tolist()), (seen.std(0).tolist(), first.std(0).tolist())
 
 
-def write_comparison(runs: dict[str, list[dict[str, Any]]], out_dir: Path, title: str) -> str:
-    """Table (.md, .csv) and forgetting-curve comparison plot; returns the plain-text table."""
-    from analysis.plots import compare_curves
+def _nanmean(stack: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():  # entries never evaluated (upper triangle) stay NaN, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(stack, axis=0)
 
-    if not runs:
-        return "(no finished runs)"
-    first = next(iter(runs.values()))[0]
+
+def _png_data(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _experiment_plots(experiment: str, runs: dict[str, list[RunRecord]], plots: Path) -> list[tuple[str, Path]]:
+    from analysis import plots as P
+
+    done = {name: [r.metrics for r in recs if r.metrics] for name, recs in runs.items()}
+    done = {k: v for k, v in done.items() if v}
+    if not done:
+        return []
+    slug = experiment.replace("/", "_")
+    first = next(iter(done.values()))[0]
     task_aware = first.get("scenario") == "task_incremental"
-    online = first.get("scenario") == "online"
-    header, rows = results_table(runs, task_aware, online)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.md").write_text(f"# {title}\n\n" + markdown(header, rows))
-    (out_dir / "summary.csv").write_text(to_csv(header, rows))
+    out: list[tuple[str, Path]] = []
     curves, bands = {}, {}
-    for name, seeds in runs.items():
+    for name, seeds in done.items():
         curves[name], bands[name] = mean_curves(seeds, task_aware)
+    multi = any(len(s) > 1 for s in done.values())
     kind = "task-aware" if task_aware else "class-incremental"
-    multi = any(len(seeds) > 1 for seeds in runs.values())
-    compare_curves(curves, out_dir / "forgetting_curves.png", f"{title} ({kind}{'; mean ± std over seeds' if multi else ''})", bands)
-    return plain(header, rows)
+    out.append(("Forgetting curves", P.compare_curves(curves, plots / f"{slug}_forgetting_curves.png",
+                                                      f"{experiment} ({kind}{'; mean ± std over seeds' if multi else ''})", bands)))
+    key = "acc_matrix_task_aware" if task_aware else "acc_matrix"
+    mats = {name: _nanmean(np.array([[[np.nan if v is None else v for v in row] for row in m[key]] for m in seeds], dtype=float))
+            for name, seeds in done.items()}
+    out.append(("Accuracy matrices (mean over seeds)", P.heatmap_grid(mats, plots / f"{slug}_acc_matrices.png", f"{experiment}: {kind} accuracy (%)")))
+    anytime = {name: [m["anytime"] for m in seeds if m.get("anytime")] for name, seeds in done.items()}
+    anytime = {k: v for k, v in anytime.items() if v}
+    if anytime:
+        out.append(("Anytime accuracy", P.anytime_compare(anytime, plots / f"{slug}_anytime.png", f"{experiment}: anytime accuracy")))
+    shift = {name: curves_ for name, recs in runs.items() if (curves_ := _cka_curves(recs))}
+    if shift:
+        out.append(("Layer-wise CKA", P.cka_compare(shift, plots / f"{slug}_cka.png", f"{experiment}: CKA of old tasks' features vs right after learning them")))
+    points = {}
+    for name, seeds in done.items():
+        agg = aggregate([r for r in runs[name] if r.metrics])
+        acc_key = metric_key("final_acc", task_aware, seeds[0])
+        points[name] = (agg.get(acc_key, Stats()).mean, agg.get("trainable_params", Stats()).mean, agg.get("stored_bytes_total", Stats()).mean)
+    out.append(("Accuracy vs cost", P.cost_scatter(points, plots / f"{slug}_cost.png", f"{experiment}: final accuracy vs cost")))
+    return out
+
+
+def _cka_curves(records: Sequence[RunRecord]) -> dict[str, list[float]] | None:
+    """Mean over seeds of each layer's CKA curve, for runs that saved probes."""
+    from analysis.shift import load_probes, shift_tables, summarize_shift
+
+    curves: list[dict[str, list[float | None]]] = []
+    for r in records:
+        if r.metrics is None or not (r.path / "probes").is_dir():
+            continue
+        cached = r.path / "shift" / "shift.json"
+        if cached.is_file():
+            curves.append(json.loads(cached.read_text())["cka_curve"])
+        else:
+            probes, order = load_probes(r.path)
+            if probes:
+                curves.append(summarize_shift(shift_tables(probes), order)["cka_curve"])
+    if not curves:
+        return None
+    layers = list(curves[0])
+    return {l: _nanmean(np.array([[np.nan if v is None else v for v in c[l]] for c in curves], dtype=float)).tolist() for l in layers}
+
+
+def write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str = "Comparison") -> str:
+    """All tables, plots and the HTML report for ``records``; returns a plain-text summary."""
+    out = Path(out_dir)
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(records)
+    texts, md, html_parts = [], [f"# {title}\n"], [f"<h1>{html.escape(title)}</h1>"]
+    csv_rows: list[list[str]] = []
+    long_rows: list[list[Any]] = []
+    for experiment, runs in groups.items():
+        header, rows = headline_table(runs, ci=True)
+        notes = problems(runs)
+        texts.append(f"== {experiment} ==\n" + plain(*headline_table(runs)) + "".join(f"\n  note: {n}" for n in notes))
+        md.append(f"\n## {experiment}\n\n" + markdown(header, rows) + "".join(f"\n- {n}" for n in notes) + "\n")
+        csv_rows += [[experiment] + r for r in rows]
+        for name, recs in runs.items():
+            for key, st in sorted(aggregate(recs).items()):
+                lo, hi = st.ci95 or (None, None)
+                long_rows.append([experiment, name, key, st.n, st.mean, st.std, lo, hi])
+        html_parts.append(f"<h2>{html.escape(experiment)}</h2>" + _html_table(header, rows))
+        if notes:
+            html_parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+        for caption, path in _experiment_plots(experiment, runs, plots):
+            md.append(f"\n![{caption}](plots/{path.name})\n")
+            html_parts.append(f"<h3>{html.escape(caption)}</h3><img src='{_png_data(path)}' style='max-width:100%'>")
+    (out / "summary.md").write_text("".join(md))
+    _write_csv(out / "summary.csv", ["experiment"] + (headline_table(next(iter(groups.values())), ci=True)[0] if groups else []), csv_rows)
+    _write_csv(out / "metrics_long.csv", ["experiment", "run", "metric", "n", "mean", "std", "ci95_low", "ci95_high"], long_rows)
+    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
+    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>" + "".join(html_parts) + "</body></html>\n")
+    return "\n\n".join(texts) + f"\n\n(report: {out / 'report.html'})"
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    path.write_text(buf.getvalue())

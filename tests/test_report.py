@@ -1,0 +1,90 @@
+"""Aggregation over seeds on fake run directories, including a missing seed and a failed run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from analysis.report import Stats, aggregate, discover_runs, scalars, write_report
+from cl.cli import main
+
+
+def fake_run(root: Path, name: str, seed: int, final_acc: float | None, scenario: str = "class_incremental") -> Path:
+    run_dir = root / "exp" / name / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"experiment": "exp", "run_name": name, "seed": seed, "strategy": {"name": name}}))
+    if final_acc is not None:
+        R = [[0.9, None], [final_acc - 0.1, final_acc + 0.1]]
+        metrics = {
+            "experiment": "exp", "run": name, "strategy": name, "seed": seed, "scenario": scenario,
+            "acc_matrix": R, "acc_matrix_task_aware": R, "n_test_per_task": [10, 10],
+            "final_acc": final_acc, "avg_incremental_acc": (0.9 + final_acc) / 2, "forgetting": 1.0 - final_acc,
+            "bwt": final_acc - 1.0, "fwt": None, "wall_time_s": 2.0 + seed, "trainable_params": 100, "stored_bytes": [10, 20],
+            "memory_bytes": 5, "task_aware": {"final_acc": final_acc + 0.05}, "backbone": {"sha256": "x"},
+        }
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    return run_dir
+
+
+def test_stats_mean_std_ci_by_hand():
+    s = Stats([0.5, 0.6, 0.7])
+    assert s.mean == pytest.approx(0.6) and s.std == pytest.approx(0.1)
+    lo, hi = s.ci95
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t_{0.975, 2}
+    assert (lo, hi) == (pytest.approx(0.6 - half), pytest.approx(0.6 + half))
+    assert Stats([0.4]).ci95 is None and Stats([0.4]).format(100, ".1f") == "40.0"
+    assert Stats([0.5, 0.7]).format(100, ".1f") == "60.0 ± 14.1"
+
+
+def test_scalars_flatten_nested_and_skip_lists():
+    flat = scalars({"final_acc": 0.5, "task_aware": {"final_acc": 0.7, "fwt": None}, "acc_matrix": [[1]], "seed": 3, "backbone": {"n": 1},
+                    "stored_bytes": [4, 9], "memory_bytes": 1})
+    assert flat == {"final_acc": 0.5, "task_aware.final_acc": 0.7, "memory_bytes": 1.0, "stored_bytes_total": 10.0}
+
+
+def test_discovery_aggregation_missing_seed_and_failed_run(tmp: Path):
+    for seed, acc in ((0, 0.6), (1, 0.7), (2, 0.8)):
+        fake_run(tmp, "er", seed, acc)
+    fake_run(tmp, "ft", 0, 0.2)
+    fake_run(tmp, "ft", 1, 0.3)
+    fake_run(tmp, "ft", 2, None)  # started, never finished
+    (tmp / "outcomes.json").write_text(json.dumps([
+        {"run_dir": str(tmp / "exp" / "ft" / "seed2"), "experiment": "exp", "run": "ft", "seed": 2, "ok": False, "error": "DataError: boom"},
+        {"run_dir": str(tmp / "exp" / "ncm" / "seed0"), "experiment": "exp", "run": "ncm", "seed": 0, "ok": False, "error": "ConfigError: nope"},
+    ]))
+    records = discover_runs([tmp])
+    status = {(r.name, r.seed): r.status for r in records}
+    assert status[("er", 2)] == "finished" and status[("ft", 2)] == "failed" and status[("ncm", 0)] == "failed"
+    er = aggregate([r for r in records if r.name == "er"])
+    assert er["final_acc"].mean == pytest.approx(0.7) and er["final_acc"].n == 3
+    assert er["task_aware.final_acc"].mean == pytest.approx(0.75)
+    text = write_report(records, tmp / "report", "fake")
+    summary = (tmp / "report" / "summary.md").read_text()
+    assert "| er | 3 | 70.0 ± 10.0 [" in summary
+    assert "ft: aggregated over 2 seed(s); missing seed(s) 2" in summary
+    assert "ft seed 2: failed (DataError: boom)" in summary and "ncm seed 0: failed (ConfigError: nope)" in summary
+    assert "er " in text
+    rows = {(r["run"], r["metric"]): r for r in csv.DictReader(open(tmp / "report" / "metrics_long.csv"))}
+    assert rows[("er", "final_acc")]["n"] == "3" and float(rows[("er", "final_acc")]["mean"]) == pytest.approx(0.7)
+    assert float(rows[("er", "final_acc")]["ci95_low"]) == pytest.approx(0.7 - 4.302652729911275 * 0.1 / math.sqrt(3))
+    for name in ("report.html", "summary.csv", "plots/exp_forgetting_curves.png", "plots/exp_cost.png"):
+        assert (tmp / "report" / name).is_file(), name
+
+
+def test_task_incremental_runs_are_compared_task_aware(tmp: Path):
+    fake_run(tmp, "a", 0, 0.5, scenario="task_incremental")
+    text = write_report(discover_runs([tmp]), tmp / "r")
+    assert "55.0" in text  # task_aware.final_acc = 0.55
+
+
+def test_cli_compare(tmp: Path, capsys):
+    fake_run(tmp / "runs", "er", 0, 0.6)
+    assert main(["compare", str(tmp / "runs"), "--out", str(tmp / "rep")]) == 0
+    assert (tmp / "rep" / "report.html").is_file()
+    assert main(["compare", str(tmp / "nothing")]) == 2
+    assert "no run directories found" in capsys.readouterr().err
