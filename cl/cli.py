@@ -10,6 +10,7 @@ import argparse
 import fnmatch
 import sys
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 from cl.errors import UserError
@@ -37,10 +38,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite")
     _common(p)
     p.add_argument("--overwrite", action="store_true", help="re-run finished runs instead of reusing them")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (local processes or Ray tasks sharing the cores)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--ray-address", default=None, help="existing Ray cluster ('auto', 'ray://host:10001'); default: a local instance")
+
+    p = sub.add_parser("compare", help="compare finished runs: tables over seeds, plots, HTML report")
+    p.add_argument("paths", nargs="+", help="run directories, or directories containing them")
+    p.add_argument("--out", default="report", help="output directory (default: ./report)")
+    p.add_argument("--title", default="Comparison")
 
     p = sub.add_parser("pretrain", help="build and cache the pretrained backbone of a config")
     p.add_argument("config")
     _common(p)
+
+    p = sub.add_parser("shift", help="representational-shift tables and plots of a run with saved probes")
+    p.add_argument("run_dir")
+    p.add_argument("--kernel", choices=["linear", "rbf"], default="linear")
+    p.add_argument("--debiased", action="store_true", help="debiased HSIC (for small probe sets)")
+    p.add_argument("--out", default=None, help="output directory (default RUN_DIR/shift)")
 
     p = sub.add_parser("list", help="list registered names")
     p.add_argument("family", choices=["benchmarks", "backbones", "strategies", "peft"])
@@ -70,9 +85,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from cl.engine.sweep import run_suite
 
-    text, outcomes = run_suite(args.suite, args.overrides, args.out, overwrite=args.overwrite)
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    text, outcomes = run_suite(args.suite, args.overrides, args.out, overwrite=args.overwrite,
+                               jobs=args.jobs, executor=args.executor, ray_address=args.ray_address)
     print(text)
-    return 1 if any(o.error for o in outcomes) else 0
+    failed = [o for o in outcomes if not o["ok"]]
+    if failed:
+        print(f"{len(failed)} of {len(outcomes)} runs failed:\n" + "\n".join(f"  {o['run_dir']}: {o['error']}" for o in failed))
+    return 1 if failed else 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from analysis.report import discover_runs, write_report
+
+    records = discover_runs(args.paths)
+    if not records:
+        raise UserError(f"no run directories found under {', '.join(args.paths)}")
+    print(write_report(records, args.out, args.title))
+    return 0
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -93,6 +124,19 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_shift(args: argparse.Namespace) -> int:
+    from analysis.shift import analyse_run
+
+    summary = analyse_run(args.run_dir, debiased=args.debiased, kernel=args.kernel, out=args.out)
+    print(f"after experience {summary['last_experience'] + 1}, mean over old tasks:")
+    for layer, v in summary["layers"].items():
+        cka = "-" if v["cka"] is None else f"{v['cka']:.3f}"
+        drift = "-" if v["prototype_rel_l2"] is None else f"{v['prototype_rel_l2']:.3f}"
+        print(f"  {layer:<24} CKA {cka}  prototype drift {drift}")
+    print(f"tables and plots in {args.out or Path(args.run_dir) / 'shift'}")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from cl.registry import BACKBONES, BENCHMARKS, PEFT, STRATEGIES
 
@@ -106,7 +150,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "sweep": _cmd_sweep, "pretrain": _cmd_pretrain, "list": _cmd_list}
+COMMANDS = {
+    "run": _cmd_run, "sweep": _cmd_sweep, "compare": _cmd_compare, "pretrain": _cmd_pretrain, "shift": _cmd_shift, "list": _cmd_list,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

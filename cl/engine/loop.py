@@ -35,6 +35,7 @@ from cl.config import RunConfig
 from cl.data.benchmark import Benchmark, Experience, Split, build_benchmark
 from cl.engine.checkpoint import load_checkpoint, save_checkpoint
 from cl.engine.evaluate import accuracy_on_classes, evaluate
+from cl.engine.probes import ProbeRecorder
 from cl.engine.rundir import JsonlLog, open_run_dir, result_hash, write_config
 from cl.models.backbone import Backbone, check_input, create_backbone
 from cl.models.features import cached_features
@@ -56,6 +57,7 @@ class TrainingDiverged(RuntimeError):
 class Prepared:
     cfg: RunConfig
     bench: Benchmark  # inputs as the strategy receives them (features when cached)
+    images: Benchmark  # the same stream with uint8 images (for probes)
     backbone: Backbone
     strategy: Strategy
     device: torch.device
@@ -75,47 +77,54 @@ def build_backbone(cfg: RunConfig, bench: Benchmark, device: torch.device) -> Ba
     return backbone
 
 
-def prepare_inputs(cfg: RunConfig, want_features: bool) -> tuple[Benchmark, Backbone, dict[str, Any]]:
-    """Benchmark and backbone of a run, with cached features in place of images when possible.
+@dataclass
+class Inputs:
+    """What a run trains on: the stream as the strategy sees it, the same stream as images, the backbone."""
 
-    Returns:
-        (benchmark as the strategy will see it, backbone, setup info: timings and cache states).
-    """
+    bench: Benchmark  # features in place of images when they are cached
+    images: Benchmark
+    backbone: Backbone
+    setup: dict[str, Any]  # timings and cache states
+
+
+def prepare_inputs(cfg: RunConfig, want_features: bool) -> Inputs:
+    """Benchmark and backbone of a run, with cached features in place of images when possible."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
-    bench = build_benchmark(cfg.benchmark, cfg.resolved_data_root(), cfg.seed)
+    images = build_benchmark(cfg.benchmark, cfg.resolved_data_root(), cfg.seed)
     t1 = time.perf_counter()
-    backbone = build_backbone(cfg, bench, device)
+    backbone = build_backbone(cfg, images, device)
     t2 = time.perf_counter()
-    info: dict[str, Any] = {"data_time_s": t1 - t0, "backbone_time_s": t2 - t1, "feature_cache": None, "feature_time_s": 0.0}
+    setup: dict[str, Any] = {"data_time_s": t1 - t0, "backbone_time_s": t2 - t1, "feature_cache": None, "feature_time_s": 0.0}
+    bench = images
     if want_features and backbone.frozen and cfg.backbone.cache_features:
         train_x, test_x, hit = cached_features(
-            backbone, bench, cache_dir=cfg.resolved_cache_dir(), batch_size=cfg.train.eval_batch_size,
+            backbone, images, cache_dir=cfg.resolved_cache_dir(), batch_size=cfg.train.eval_batch_size,
             device=device, progress=cfg.progress,
         )
-        bench = bench.with_inputs(train_x, test_x)
-        info.update(feature_cache="hit" if hit else "miss", feature_time_s=time.perf_counter() - t2)
-    return bench, backbone, info
+        bench = images.with_inputs(train_x, test_x)
+        setup.update(feature_cache="hit" if hit else "miss", feature_time_s=time.perf_counter() - t2)
+    return Inputs(bench, images, backbone, setup)
 
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Build everything a run needs; raises UserError subclasses on bad input."""
     start = time.perf_counter()
     strategy_cls = STRATEGIES.get(cfg.strategy.name)
-    bench, backbone, setup = prepare_inputs(cfg, want_features=strategy_cls.input_kind == "features")
+    inputs = prepare_inputs(cfg, want_features=strategy_cls.input_kind == "features")
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)  # strategy initialisation does not depend on what setup consumed
     ctx = StrategyContext(
-        n_classes=bench.n_classes, scenario=cfg.benchmark.scenario, backbone=backbone,
-        feature_dim=backbone.feature_dim, cached_features=setup["feature_cache"] is not None,
+        n_classes=inputs.bench.n_classes, scenario=cfg.benchmark.scenario, backbone=inputs.backbone,
+        feature_dim=inputs.backbone.feature_dim, cached_features=inputs.setup["feature_cache"] is not None,
         device=device, seed=cfg.seed, train=cfg.train,
     )
     strategy = create_strategy(cfg.strategy, ctx)
-    setup["setup_time_s"] = time.perf_counter() - start
-    return Prepared(cfg, bench, backbone, strategy, device, setup)
+    setup = {**inputs.setup, "setup_time_s": time.perf_counter() - start}
+    return Prepared(cfg, inputs.bench, inputs.images, inputs.backbone, strategy, device, setup)
 
 
 def _anytime_eval_set(bench: Benchmark, per_class: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +197,7 @@ class _Loop:
         self.train_time = self.eval_time = 0.0
         self.elapsed_before = 0.0
         self.next_exp = 0
+        self.probes = ProbeRecorder(self.cfg.shift, self.bench, prep.images, run_dir) if self.cfg.shift.enabled else None
         ckpt = load_checkpoint(run_dir / "ckpt") if resume else None
         if ckpt is not None:
             self._restore(ckpt)
@@ -276,6 +286,8 @@ class _Loop:
             self.rows_cil.append(cil)
             self.rows_til.append(til)
             self.stored_bytes.append(int(self.strategy.storage_bytes()))
+            if self.probes is not None:
+                self.probes.record(self.strategy, i)
             seen_acc = M.seen_classes_acc(cil, self._n_test(), i)
             self.log.write("eval", experience=i, acc_cil=cil, acc_task_aware=til, acc_seen_classes=seen_acc)
             bar.set_postfix(acc=f"{seen_acc:.3f}")

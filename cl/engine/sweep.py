@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -53,7 +54,8 @@ class PlannedRun:
     benchmark: str | None
     strategy: str
     seed: int
-    cfg: RunConfig
+    data: dict[str, Any]  # the merged raw config: what is sent to workers (plain data pickles anywhere)
+    cfg: RunConfig  # the same, validated, for the planning process
 
 
 def plan_suite(path: str | Path, cli_overrides: list[str] | None = None, out_dir: str | None = None) -> tuple[SuiteConfig, list[PlannedRun]]:
@@ -92,48 +94,31 @@ def plan_suite(path: str | Path, cli_overrides: list[str] | None = None, out_dir
                     cfg = parse_run_config(data)
                 except ConfigError as err:
                     raise ConfigError(f"{where}: {err}") from None
-                planned.append(PlannedRun(bench.name if bench else None, strat.name, seed, cfg))
+                planned.append(PlannedRun(bench.name if bench else None, strat.name, seed, data, cfg))
     return suite, planned
 
 
-@dataclass
-class RunOutcome:
-    run: PlannedRun
-    metrics: dict[str, Any] | None
-    error: str | None = None
+def execute(data: dict[str, Any], overwrite: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Run (or resume, or reuse) one run from its raw config; failures are returned, not raised.
 
+    This is what local worker processes and Ray tasks execute, so it takes and returns plain data.
+    """
+    import torch
 
-def execute(run: PlannedRun, overwrite: bool = False) -> RunOutcome:
-    """Run (or resume, or reuse) one planned run; failures are captured, not raised."""
     from cl.engine.loop import run as run_one
 
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = parse_run_config(data)
+    outcome: dict[str, Any] = {"run_dir": str(cfg.run_dir()), "experiment": cfg.experiment, "run": cfg.name, "seed": cfg.seed}
     try:
-        metrics = run_one(run.cfg, resume=not overwrite, overwrite=overwrite)
-        return RunOutcome(run, metrics)
+        outcome.update(ok=True, error=None, metrics=run_one(cfg, resume=not overwrite, overwrite=overwrite))
     except UserError as err:
-        return RunOutcome(run, None, f"{type(err).__name__}: {err}")
+        outcome.update(ok=False, error=f"{type(err).__name__}: {err}", metrics=None)
     except Exception as err:  # noqa: BLE001 - one failed run must not lose the others
         tail = traceback.format_exc().strip().splitlines()[-1]
-        return RunOutcome(run, None, f"{type(err).__name__}: {err} [{tail}]")
-
-
-def summarize_suite(suite: SuiteConfig, outcomes: list[RunOutcome], out_root: Path) -> str:
-    """Write summary tables and plots per benchmark; return the printable text."""
-    from analysis.report import write_comparison
-
-    texts = []
-    groups: dict[str | None, dict[str, list[dict[str, Any]]]] = {}
-    for o in outcomes:
-        if o.metrics is not None:
-            groups.setdefault(o.run.benchmark, {}).setdefault(o.run.strategy, []).append(o.metrics)
-    for bench, runs in groups.items():
-        title = suite.suite if bench is None else f"{suite.suite} / {bench}"
-        out_dir = out_root / suite.suite / (bench or "")
-        texts.append(f"== {title} ==\n" + write_comparison(runs, out_dir, title) + f"\n(tables and plots in {out_dir})")
-    failed = [o for o in outcomes if o.error]
-    if failed:
-        texts.append("Failed runs:\n" + "\n".join(f"  {o.run.cfg.run_dir()}: {o.error}" for o in failed))
-    return "\n\n".join(texts)
+        outcome.update(ok=False, error=f"{type(err).__name__}: {err} [{tail}]", metrics=None)
+    return outcome
 
 
 def warm_caches(planned: list[PlannedRun]) -> None:
@@ -155,22 +140,22 @@ def warm_caches(planned: list[PlannedRun]) -> None:
         old = groups.get(key)
         groups[key] = (cfg, wants or (old is not None and old[1]))
     for cfg, wants in groups.values():
-        if is_finished_all(planned, cfg):
+        if all_finished(planned, cfg):
             continue
         t0 = time.perf_counter()
         try:
-            _, backbone, info = prepare_inputs(cfg, want_features=wants)
+            inputs = prepare_inputs(cfg, want_features=wants)
         except UserError:
             continue  # the runs themselves will report it
-        w = backbone.weights
+        w = inputs.backbone.weights
         print(
-            f"shared inputs for seed {cfg.seed}: backbone {backbone.name} ({w.get('source')}, {w.get('cache', '-')}), "
-            f"features {info['feature_cache'] or '-'}, {time.perf_counter() - t0:.1f}s",
+            f"shared inputs for seed {cfg.seed}: backbone {inputs.backbone.name} ({w.get('source')}, {w.get('cache', '-')}), "
+            f"features {inputs.setup['feature_cache'] or '-'}, {time.perf_counter() - t0:.1f}s",
             flush=True,
         )
 
 
-def is_finished_all(planned: list[PlannedRun], cfg: RunConfig) -> bool:
+def all_finished(planned: list[PlannedRun], cfg: RunConfig) -> bool:
     """True if every run sharing this config's inputs is already finished."""
     from cl.engine.rundir import is_finished
 
@@ -178,20 +163,94 @@ def is_finished_all(planned: list[PlannedRun], cfg: RunConfig) -> bool:
     return all(is_finished(r.cfg.run_dir()) for r in same)
 
 
-def run_suite(path: str | Path, cli_overrides: list[str] | None = None, out_dir: str | None = None, overwrite: bool = False) -> tuple[str, list[RunOutcome]]:
+def _report_progress(i: int, total: int, outcome: dict[str, Any]) -> None:
+    if outcome["ok"]:
+        m = outcome["metrics"]
+        print(f"[{i}/{total}] {outcome['run_dir']}: final_acc {m['final_acc']:.4f}", flush=True)
+    else:
+        print(f"[{i}/{total}] {outcome['run_dir']}: FAILED {outcome['error']}", flush=True)
+
+
+def run_local(planned: list[PlannedRun], jobs: int, overwrite: bool) -> list[dict[str, Any]]:
+    """In this process (jobs = 1) or a pool of ``jobs`` processes sharing the CPU cores."""
+    if jobs <= 1:
+        outcomes = []
+        for i, run in enumerate(planned):
+            outcomes.append(execute(run.data, overwrite))
+            _report_progress(i + 1, len(planned), outcomes[-1])
+        return outcomes
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    results: dict[int, dict[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(execute, run.data, overwrite, threads): k for k, run in enumerate(planned)}
+        for done, future in enumerate(as_completed(futures), 1):
+            k = futures[future]
+            try:
+                results[k] = future.result()
+            except Exception as err:  # noqa: BLE001 - a crashed worker process
+                results[k] = {"run_dir": str(planned[k].cfg.run_dir()), "experiment": planned[k].cfg.experiment,
+                              "run": planned[k].cfg.name, "seed": planned[k].seed, "ok": False, "error": f"worker crashed: {err}", "metrics": None}
+            _report_progress(done, len(planned), results[k])
+    return [results[k] for k in range(len(planned))]
+
+
+def run_ray(planned: list[PlannedRun], overwrite: bool, address: str | None, cpus_per_run: int) -> list[dict[str, Any]]:
+    """As Ray tasks: on an existing cluster (``address``, e.g. "auto" or "ray://host:10001") or a
+    local instance. Every node must have this package installed and see ``out_dir`` and the cache."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        started = True
+    try:
+        task = ray.remote(num_cpus=cpus_per_run, max_retries=0)(execute)
+        refs = {task.remote(run.data, overwrite, cpus_per_run): k for k, run in enumerate(planned)}
+        results: dict[int, dict[str, Any]] = {}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            k = refs[done[0]]
+            try:
+                results[k] = ray.get(done[0])
+            except Exception as err:  # noqa: BLE001 - worker died, node lost, ...
+                results[k] = {"run_dir": str(planned[k].cfg.run_dir()), "experiment": planned[k].cfg.experiment,
+                              "run": planned[k].cfg.name, "seed": planned[k].seed, "ok": False, "error": f"ray task failed: {type(err).__name__}", "metrics": None}
+            _report_progress(len(results), len(planned), results[k])
+    finally:
+        if started:
+            ray.shutdown()
+    return [results[k] for k in range(len(planned))]
+
+
+def run_suite(
+    path: str | Path,
+    cli_overrides: list[str] | None = None,
+    out_dir: str | None = None,
+    overwrite: bool = False,
+    jobs: int = 1,
+    executor: str = "local",
+    ray_address: str | None = None,
+) -> tuple[str, list[dict[str, Any]]]:
+    """Plan, warm shared caches, execute, then write the comparison report to ``<out>/<suite>/``."""
+    from analysis.report import RunRecord, write_report
+
     suite, planned = plan_suite(path, cli_overrides, out_dir)
     warm_caches(planned)
-    outcomes = []
-    for i, run in enumerate(planned):
-        print(f"[{i + 1}/{len(planned)}] {run.cfg.run_dir()}", flush=True)
-        outcome = execute(run, overwrite)
-        if outcome.error:
-            print(f"  failed: {outcome.error}", flush=True)
-        outcomes.append(outcome)
-    root = Path(planned[0].cfg.out_dir)
-    text = summarize_suite(suite, outcomes, root)
-    (root / suite.suite).mkdir(parents=True, exist_ok=True)
-    (root / suite.suite / "outcomes.json").write_text(
-        json.dumps([{"run_dir": str(o.run.cfg.run_dir()), "ok": o.error is None, "error": o.error} for o in outcomes], indent=2)
-    )
+    if executor == "ray":
+        outcomes = run_ray(planned, overwrite, ray_address, max(1, (os.cpu_count() or 1) // max(jobs, 1)))
+    else:
+        outcomes = run_local(planned, jobs, overwrite)
+    root = Path(planned[0].cfg.out_dir) / suite.suite
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "outcomes.json").write_text(json.dumps([{k: v for k, v in o.items() if k != "metrics"} for o in outcomes], indent=2))
+    records = [
+        RunRecord(Path(o["run_dir"]), o["experiment"], o["run"], o["seed"], o["metrics"],
+                  "finished" if o["ok"] else "failed", o["error"])
+        for o in outcomes
+    ]
+    text = write_report(records, root, title=suite.suite)
     return text, outcomes

@@ -52,7 +52,8 @@ def main() -> None:
     cfg = parse_run_config(data)
 
     # Pretrained backbone from the shared cache (built once, outside both timings).
-    bench, backbone, _ = prepare_inputs(cfg, want_features=False)
+    inputs = prepare_inputs(cfg, want_features=False)
+    bench, backbone = inputs.images, inputs.backbone
 
     # --- ours, cold feature cache: feature extraction is inside the measured time ---------------
     cold = parse_run_config({**data, "cache_dir": str(tmp / "cache")})
