@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from cl.config import StrategyConfig, TrainConfig
-from cl.data.benchmark import Experience
+from cl.data.benchmark import Experience, Split
 from cl.memory import ReplayMemory
 from cl.models.backbone import Backbone
 
@@ -81,6 +81,9 @@ class Strategy:
         data_policy: "current" trains on the current experience; "cumulative" on all so far.
         max_epochs: cap on epochs per experience (1 for single-pass statistics like prototypes).
         task_aware_predict: True if ``predict`` uses the task id (else the loop reuses scores).
+        trains_itself: offline, the loop calls ``train_experience`` once per experience instead of
+            feeding mini-batches (for wrapped libraries with their own training loop).
+        resumable: False if the strategy cannot save everything it needs to resume (no checkpoints).
         stateful: attribute names whose state goes into checkpoints.
     """
 
@@ -88,6 +91,8 @@ class Strategy:
     data_policy: ClassVar[Literal["current", "cumulative"]] = "current"
     max_epochs: ClassVar[int | None] = None
     task_aware_predict: ClassVar[bool] = False
+    trains_itself: ClassVar[bool] = False
+    resumable: ClassVar[bool] = True
     stateful: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: StrategyConfig, ctx: StrategyContext) -> None:
@@ -105,6 +110,10 @@ class Strategy:
         self.seen_classes = max(self.seen_classes, exp.class_range[1])
 
     def observe(self, x: Tensor, y: Tensor, task_id: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def train_experience(self, exp: Experience, data: Split, epochs: int, batch_size: int) -> None:
+        """Only for ``trains_itself`` strategies: train on ``data`` with their own loop."""
         raise NotImplementedError
 
     def after_experience(self, exp: Experience) -> None:
@@ -179,6 +188,11 @@ class Strategy:
     def memory(self) -> ReplayMemory | None:
         return getattr(self, "_memory", None)
 
+    def memory_stats(self) -> tuple[int, int]:
+        """(samples, bytes) held in the replay memory."""
+        mem = self.memory
+        return (len(mem), mem.nbytes) if mem is not None else (0, 0)
+
     # ---- checkpointing ----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -205,7 +219,8 @@ class Strategy:
             if hasattr(value, "load_state_dict"):
                 value.load_state_dict(state[name])
             elif isinstance(value, Tensor):
-                value.copy_(state[name])
+                with torch.no_grad():
+                    value.copy_(state[name])
             else:
                 setattr(self, name, state[name])
 

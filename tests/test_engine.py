@@ -80,19 +80,21 @@ def test_resume_with_a_changed_config_is_refused(tmp: Path, shared_cache: Path):
         run(changed, resume=True)
 
 
-def test_online_scenario_single_pass_and_anytime_accuracy(tmp: Path, shared_cache: Path, monkeypatch):
-    cfg = parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), train={"epochs": 1},
+@pytest.mark.parametrize("strategy", ["er", "generative_classifier", "er_task_aware"])
+def test_online_scenario_single_pass_and_anytime_accuracy(tmp: Path, shared_cache: Path, monkeypatch, strategy: str):
+    cfg = parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), train={"epochs": 1}, strategy={"name": strategy, "memory_size": 24},
                                        benchmark={"scenario": "online", "online": {"batch_size": 10, "eval_every": 20, "eval_test_per_class": 5}}))
-    from strategies.er import ER
+    from cl.registry import STRATEGIES
 
+    cls = STRATEGIES.get(strategy)
     seen: list[torch.Tensor] = []
-    original = ER.observe
+    original = cls.observe
 
     def spy(self, x, y, task_id):
         seen.append(x.clone())
         return original(self, x, y, task_id)
 
-    monkeypatch.setattr(ER, "observe", spy)
+    monkeypatch.setattr(cls, "observe", spy)
     m = run(cfg)
     rows = torch.cat(seen)
     assert all(len(x) <= 10 for x in seen)

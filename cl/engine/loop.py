@@ -224,7 +224,7 @@ class _Loop:
         }
 
     def _checkpoint(self) -> None:
-        if not self.cfg.train.checkpoint:
+        if not self.cfg.train.checkpoint or not self.strategy.resumable:
             return
         save_checkpoint(
             self.run_dir / "ckpt",
@@ -303,6 +303,11 @@ class _Loop:
     def _train_offline(self, exp: Experience, i: int) -> None:
         data = _training_data(self.bench, i, self.strategy.data_policy)
         epochs = min(self.cfg.train.epochs, self.strategy.max_epochs or self.cfg.train.epochs)
+        if self.strategy.trains_itself:
+            self.strategy.train_experience(exp, data, epochs, self.cfg.train.batch_size)
+            self.samples_seen += len(data) * epochs
+            self.log.write("epoch", experience=i, epoch=epochs - 1, steps=None)
+            return
         for epoch in range(epochs):
             meter = _LossMeter()
             for xb, yb in data.batches(self.cfg.train.batch_size, self.generator):
@@ -343,7 +348,7 @@ class _Loop:
         cfg, strategy = self.cfg, self.strategy
         n_test = self._n_test()
         wall = self.elapsed_before + time.perf_counter() - self.started + self.prep.setup["setup_time_s"]
-        memory = strategy.memory
+        memory_size, memory_bytes = strategy.memory_stats()
         result: dict[str, Any] = {
             "experiment": cfg.experiment,
             "run": cfg.name,
@@ -362,8 +367,8 @@ class _Loop:
             "trainable_params": sum(p.numel() for p in strategy.trainable_parameters()),
             "stored_bytes": self.stored_bytes,
             "stored_bytes_per_task": [b - a for a, b in zip([0] + self.stored_bytes[:-1], self.stored_bytes)],
-            "memory_size": len(memory) if memory is not None else 0,
-            "memory_bytes": memory.nbytes if memory is not None else 0,
+            "memory_size": memory_size,
+            "memory_bytes": memory_bytes,
             "wall_time_s": wall,
             **{k: v for k, v in self.prep.setup.items() if k.endswith("_time_s")},
             "train_time_s": self.train_time,
