@@ -231,6 +231,8 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+            continue
         key = loader.construct_object(key_node, deep=deep)
         mark = key_node.start_mark
         if isinstance(key, bool):  # YAML 1.1 reads on/off/yes/no keys as booleans
@@ -283,12 +285,15 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Load a YAML file, resolving ``base:`` (a path relative to the file, or a list of them)."""
+    """Load a YAML file, resolving ``base:`` (a path relative to the file, or a list of them).
+
+    Top-level keys starting with ``x-`` are dropped: they only hold YAML anchors (``x-opt: &opt ...``).
+    """
     path = Path(path).resolve()
     if path in _chain:
         cycle = " -> ".join(p.name for p in (*_chain, path))
         raise ConfigError(f"'base' inheritance cycle: {cycle}")
-    data = read_yaml(path)
+    data = {k: v for k, v in read_yaml(path).items() if not (isinstance(k, str) and k.startswith("x-"))}
     bases = data.pop("base", None)
     if bases is None:
         return data

@@ -64,7 +64,7 @@ def test_valid_config_resolves_strategy_and_dataset_classes(tmp: Path):
         ({"trian": {}}, "unknown key 'trian' (allowed: backbone, benchmark, cache_dir"),
         ({"train": {"epoch": 2}}, "unknown key 'train.epoch' (allowed: batch_size, checkpoint, epochs"),
         ({"strategy": {"name": "er", "memory": 5}}, "unknown key 'strategy.memory' (allowed: lr, memory_policy, memory_size"),
-        ({"strategy": {"name": "nope"}}, "strategy.name: unknown strategy 'nope' (available: er, finetune, joint, simplecil"),
+        ({"strategy": {"name": "nope"}}, "strategy.name: unknown strategy 'nope' (available: avalanche, er, er_task_aware, finetune, generative_classifier, joint, simplecil"),
         ({"benchmark": {"dataset": {"name": "mnist"}}}, "unknown benchmark 'mnist' (available: cifar10, cifar100, digits, fashion_mnist"),
         ({"train": {"epochs": "3"}}, "'train.epochs': Input should be a valid integer (got '3')"),
         ({"train": {"epochs": 0}}, "'train.epochs': Input should be greater than or equal to 1 (got 0)"),
@@ -97,6 +97,11 @@ def test_split_sizes():
         split_sizes(10, 4, 3)
     with pytest.raises(ValueError, match="11 experiences for 10 classes"):
         split_sizes(10, 11, None)
+
+
+def test_yaml_anchors_and_merge_keys(tmp: Path):
+    (tmp / "a.yaml").write_text("x-opt: &opt {lr: 0.1, momentum: 0.5}\nstrategy: {<<: *opt, name: er, lr: 0.2}\n")
+    assert load_yaml(tmp / "a.yaml") == {"strategy": {"lr": 0.2, "momentum": 0.5, "name": "er"}}  # x- keys dropped
 
 
 @pytest.mark.parametrize(
