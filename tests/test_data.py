@@ -197,3 +197,28 @@ def test_channel_stats_are_exact_and_thread_independent():
         assert src.channel_stats() == (mean, std)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_cub200_loader_on_a_tiny_official_layout(tmp: Path):
+    from PIL import Image
+
+    base = tmp / "CUB_200_2011"
+    (base / "images").mkdir(parents=True)
+    lines, labels, split = [], [], []
+    for i in range(1, 401):  # 2 images per class: one train, one test
+        cls = (i - 1) // 2 + 1
+        rel = f"{cls:03d}.Bird/img_{i}.jpg"
+        (base / "images" / rel).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (12, 9), (cls, 0, 0)).save(base / "images" / rel, format="PNG")  # lossless, whatever the name
+        lines.append(f"{i} {rel}")
+        labels.append(f"{i} {cls}")
+        split.append(f"{i} {i % 2}")
+    (base / "images.txt").write_text("\n".join(lines))
+    (base / "image_class_labels.txt").write_text("\n".join(labels))
+    (base / "train_test_split.txt").write_text("\n".join(split))
+    (base / "classes.txt").write_text("\n".join(f"{c} {c:03d}.Bird" for c in range(1, 201)))
+    raw = {"dataset": {"name": "cub200", "root": str(tmp), "image_size": 8, "download": False}, "n_experiences": 10}
+    b = build_benchmark(_specialise(BenchmarkConfig, raw).model_validate(raw), tmp, seed=0)
+    assert b.source.x_train.shape == (200, 3, 8, 8) and len(b.source.y_test) == 200
+    assert b.source.classes[4] == "005.Bird" and int(b.source.x_train[b.source.y_train == 4][0, 0, 0, 0]) == 5
+    assert [len(e.classes) for e in b.experiences] == [20] * 10

@@ -336,6 +336,21 @@ class Cifar100Config(_CifarConfig):
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+def read_image(path: Path, mode: str, size: int, digest: Any = None) -> Tensor:
+    """One image file as uint8 [C, size, size] (bilinear resize); ``digest`` is updated with its bytes."""
+    from PIL import Image, UnidentifiedImageError
+
+    raw = path.read_bytes()
+    if digest is not None:
+        digest.update(raw)
+    try:
+        img = Image.open(io.BytesIO(raw)).convert(mode).resize((size, size), Image.BILINEAR)
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"{path}: unreadable image ({err})") from None
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.reshape(size, size, -1).copy()).permute(2, 0, 1)
+
+
 @BENCHMARKS.register("image_folder", help="any root/{train,test}/<class>/<image> tree, resized at load")
 class ImageFolderConfig(DatasetConfig):
     name: Literal["image_folder"] = "image_folder"
@@ -358,8 +373,6 @@ class ImageFolderConfig(DatasetConfig):
         return len(self._classes())
 
     def load(self, data_root: Path) -> SourceData:
-        from PIL import Image, UnidentifiedImageError
-
         classes = self._classes()
         mode = "L" if self.channels == 1 else "RGB"
         h = hashlib.sha256()
@@ -376,14 +389,7 @@ class ImageFolderConfig(DatasetConfig):
                 folder = base / cls
                 files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
                 for path in files:
-                    raw = path.read_bytes()
-                    h.update(raw)
-                    try:
-                        img = Image.open(io.BytesIO(raw)).convert(mode).resize((self.image_size, self.image_size), Image.BILINEAR)
-                    except (UnidentifiedImageError, OSError) as err:
-                        raise DataError(f"{path}: unreadable image ({err})") from None
-                    arr = np.asarray(img, dtype=np.uint8)
-                    xs.append(torch.from_numpy(arr.reshape(self.image_size, self.image_size, -1).copy()).permute(2, 0, 1))
+                    xs.append(read_image(path, mode, self.image_size, h))
                     ys.append(label)
             if not xs:
                 raise DataError(f"{base}: no images found")
@@ -392,6 +398,55 @@ class ImageFolderConfig(DatasetConfig):
         x_train, y_train = read(self.train_dir)
         x_test, y_test = read(self.test_dir)
         return SourceData(x_train, y_train, x_test, y_test, classes, h.hexdigest(), str(self.root))
+
+
+# --------------------------------------------------------------------------------------------
+# CUB-200-2011 (official archive layout)
+# --------------------------------------------------------------------------------------------
+
+
+@BENCHMARKS.register("cub200", help="CUB-200-2011, 200 bird classes (official split; Avalanche download)")
+class CUB200Config(DatasetConfig):
+    name: Literal["cub200"] = "cub200"
+    root: str | None = Field(None, description="directory containing CUB_200_2011/ (default: the data root)")
+    image_size: int = Field(224, ge=1, description="images are resized to this square size when loaded")
+    download: bool = Field(True, description="download with Avalanche's CUB200 if not found")
+
+    def num_classes(self) -> int:
+        return 200
+
+    def load(self, data_root: Path) -> SourceData:
+        root = Path(self.root) if self.root else data_root
+        base = root / "CUB_200_2011"
+        if not (base / "images.txt").is_file():
+            if not self.download:
+                raise DataError(f"CUB-200-2011 not found in {base}")
+            try:
+                from avalanche.benchmarks.datasets import CUB200
+
+                CUB200(str(root), download=True)
+            except Exception as err:  # noqa: BLE001
+                raise DataError(f"CUB-200-2011 not found in {base} and download failed ({type(err).__name__})") from None
+
+        def table(name: str) -> dict[str, str]:
+            path = base / name
+            if not path.is_file():
+                raise DataError(f"{base}: missing data file {name}")
+            return dict(line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip())
+
+        paths, labels, split = table("images.txt"), table("image_class_labels.txt"), table("train_test_split.txt")
+        classes_file = table("classes.txt") if (base / "classes.txt").is_file() else {}
+        h = hashlib.sha256()
+        parts: dict[str, tuple[list[Tensor], list[int]]] = {"1": ([], []), "0": ([], [])}
+        for image_id in sorted(paths, key=int):
+            xs, ys = parts[split[image_id].strip()]
+            xs.append(read_image(base / "images" / paths[image_id].strip(), "RGB", self.image_size, h))
+            ys.append(int(labels[image_id]) - 1)
+        names = [classes_file.get(str(i + 1), str(i + 1)).strip() for i in range(200)]
+        (xtr, ytr), (xte, yte) = parts["1"], parts["0"]
+        if not xtr or not xte:
+            raise DataError(f"{base}: empty train or test split")
+        return SourceData(torch.stack(xtr), torch.tensor(ytr), torch.stack(xte), torch.tensor(yte), names, h.hexdigest(), str(base))
 
 
 # --------------------------------------------------------------------------------------------
