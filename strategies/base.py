@@ -37,6 +37,7 @@ class StrategyContext:
     scenario: str  # class_incremental | task_incremental | online
     backbone: Backbone
     feature_dim: int
+    input_shape: tuple[int, int, int]  # (C, H, W) the backbone receives
     cached_features: bool  # inputs are backbone features, not images
     device: torch.device
     seed: int
@@ -108,6 +109,9 @@ class Strategy:
     def before_experience(self, exp: Experience) -> None:
         self.task_ranges[exp.task_id] = exp.class_range
         self.seen_classes = max(self.seen_classes, exp.class_range[1])
+
+    def before_epoch(self, epoch: int) -> None:
+        """Offline, before each epoch of an experience (staged schedules); online, once (epoch 0)."""
 
     def observe(self, x: Tensor, y: Tensor, task_id: int) -> dict[str, float]:
         raise NotImplementedError

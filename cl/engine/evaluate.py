@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from cl.data.benchmark import Experience
 
 
+@dataclass
+class EvalRow:
+    cil: list[float | None]
+    til: list[float | None]
+    task_inference: list[float | None] | None = None  # for strategies that infer the task
+
+
 @torch.no_grad()
-def evaluate(
-    strategy: object, experiences: list[Experience], trained: int, batch_size: int, future: bool
-) -> tuple[list[float | None], list[float | None]]:
+def evaluate(strategy: object, experiences: list[Experience], trained: int, batch_size: int, future: bool) -> EvalRow:
     """One row of the class-incremental and of the task-aware accuracy matrix.
 
     Args:
@@ -22,17 +29,23 @@ def evaluate(
         future: also evaluate tasks not trained yet (task-aware only; needed for forward transfer).
 
     Returns:
-        (cil, til). Class-incremental accuracy takes the argmax over all classes seen so far and is
-        None for untrained tasks. Task-aware accuracy takes the argmax over the task's own classes,
-        with ``predict`` given the task id when the strategy uses it; it is None where the strategy
-        cannot score the task's classes (non-finite scores) or when not evaluated.
+        cil: class-incremental accuracy, the argmax over all classes seen so far; None for untrained tasks.
+        til: task-aware accuracy, the argmax over the task's own classes, with ``predict`` given the
+            task id when the strategy uses it; None where the strategy cannot score the task's
+            classes (non-finite scores) or when not evaluated.
+        task_inference: for strategies with ``infer_task(x)``, the fraction of each trained task's
+            test samples assigned to the right task.
     """
     n_seen = experiences[trained - 1].class_range[1] if trained else 0
     aware = getattr(strategy, "task_aware_predict", False)
+    infer = getattr(strategy, "infer_task", None)
     cil: list[float | None] = []
     til: list[float | None] = []
+    tinf: list[float | None] | None = [] if infer is not None else None
     for j, exp in enumerate(experiences):
         is_future = j >= trained
+        if tinf is not None:
+            tinf.append(None if is_future else sum(int((infer(xb) == j).sum()) for xb, _ in exp.test.batches(batch_size)) / max(len(exp.test), 1))
         if is_future and not future:
             cil.append(None)
             til.append(None)
@@ -52,7 +65,7 @@ def evaluate(
         n = max(len(exp.test), 1)
         cil.append(None if is_future else hits_cil / n)
         til.append(hits_til / n if til_defined else None)
-    return cil, til
+    return EvalRow(cil, til, tinf)
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from analysis.plots import accuracy_heatmap, anytime_curve, forgetting_curves
 from cl.config import RunConfig
 from cl.data.benchmark import Benchmark, Experience, Split, build_benchmark
 from cl.engine.checkpoint import load_checkpoint, save_checkpoint
-from cl.engine.evaluate import accuracy_on_classes, evaluate
+from cl.engine.evaluate import EvalRow, accuracy_on_classes, evaluate
 from cl.engine.probes import ProbeRecorder
 from cl.engine.rundir import JsonlLog, open_run_dir, result_hash, write_config
 from cl.models.backbone import Backbone, check_input, create_backbone
@@ -119,7 +119,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     seed_everything(cfg.seed)  # strategy initialisation does not depend on what setup consumed
     ctx = StrategyContext(
         n_classes=inputs.bench.n_classes, scenario=cfg.benchmark.scenario, backbone=inputs.backbone,
-        feature_dim=inputs.backbone.feature_dim, cached_features=inputs.setup["feature_cache"] is not None,
+        feature_dim=inputs.backbone.feature_dim, input_shape=inputs.images.input_shape,
+        cached_features=inputs.setup["feature_cache"] is not None,
         device=device, seed=cfg.seed, train=cfg.train,
     )
     strategy = create_strategy(cfg.strategy, ctx)
@@ -190,6 +191,7 @@ class _Loop:
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self.rows_cil: list[list[float | None]] = []
         self.rows_til: list[list[float | None]] = []
+        self.rows_tinf: list[list[float | None]] = []
         self.initial_til: list[float | None] | None = None
         self.anytime: list[list[float]] = []  # [samples seen, accuracy, experience]
         self.stored_bytes: list[int] = []
@@ -234,6 +236,7 @@ class _Loop:
                 "strategy": self.strategy.state_dict(),
                 "rows_cil": self.rows_cil,
                 "rows_til": self.rows_til,
+                "rows_tinf": self.rows_tinf,
                 "initial_til": self.initial_til,
                 "anytime": self.anytime,
                 "stored_bytes": self.stored_bytes,
@@ -250,7 +253,7 @@ class _Loop:
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.strategy.load_state_dict(ckpt["strategy"])
         self.next_exp = ckpt["next_experience"]
-        self.rows_cil, self.rows_til = ckpt["rows_cil"], ckpt["rows_til"]
+        self.rows_cil, self.rows_til, self.rows_tinf = ckpt["rows_cil"], ckpt["rows_til"], ckpt["rows_tinf"]
         self.initial_til, self.anytime = ckpt["initial_til"], ckpt["anytime"]
         self.stored_bytes, self.samples_seen = ckpt["stored_bytes"], ckpt["samples_seen"]
         self.train_time, self.eval_time = ckpt["train_time"], ckpt["eval_time"]
@@ -270,7 +273,7 @@ class _Loop:
             for e in self.exps[: self.next_exp]:  # classes observed before a resume
                 self.observed[e.classes] = True
         if self.next_exp == 0 and self.initial_til is None and cfg.train.eval_future_tasks:
-            _, self.initial_til = self._evaluate(0)
+            self.initial_til = self._evaluate(0).til
         bar = tqdm(range(self.next_exp, len(self.exps)), desc=cfg.name, disable=None if cfg.progress else True, initial=self.next_exp, total=len(self.exps))
         for i in bar:
             exp = self.exps[i]
@@ -282,14 +285,17 @@ class _Loop:
                 self._train_offline(exp, i)
             self.strategy.after_experience(exp)
             self.train_time += time.perf_counter() - t0
-            cil, til = self._evaluate(i + 1)
+            row = self._evaluate(i + 1)
+            cil, til = row.cil, row.til
             self.rows_cil.append(cil)
             self.rows_til.append(til)
+            if row.task_inference is not None:
+                self.rows_tinf.append(row.task_inference)
             self.stored_bytes.append(int(self.strategy.storage_bytes()))
             if self.probes is not None:
                 self.probes.record(self.strategy, i)
             seen_acc = M.seen_classes_acc(cil, self._n_test(), i)
-            self.log.write("eval", experience=i, acc_cil=cil, acc_task_aware=til, acc_seen_classes=seen_acc)
+            self.log.write("eval", experience=i, acc_cil=cil, acc_task_aware=til, acc_seen_classes=seen_acc, task_inference=row.task_inference)
             bar.set_postfix(acc=f"{seen_acc:.3f}")
             self.next_exp = i + 1
             self._checkpoint()
@@ -309,6 +315,7 @@ class _Loop:
             self.log.write("epoch", experience=i, epoch=epochs - 1, steps=None)
             return
         for epoch in range(epochs):
+            self.strategy.before_epoch(epoch)
             meter = _LossMeter()
             for xb, yb in data.batches(self.cfg.train.batch_size, self.generator):
                 meter.add(self.strategy.observe(xb, yb, exp.task_id), f"experience {i}, epoch {epoch}")
@@ -318,6 +325,7 @@ class _Loop:
     def _train_online(self, exp: Experience) -> None:
         online = self.cfg.benchmark.online
         meter = _LossMeter()
+        self.strategy.before_epoch(0)
         next_eval = (self.samples_seen // online.eval_every + 1) * online.eval_every
         for xb, yb in exp.train.batches(online.batch_size, self.generator):  # single pass
             meter.add(self.strategy.observe(xb, yb, exp.task_id), f"experience {exp.index}, sample {self.samples_seen}")
@@ -333,13 +341,19 @@ class _Loop:
                 next_eval += online.eval_every
         self.log.write("epoch", experience=exp.index, epoch=0, steps=meter.steps, **meter.means())
 
-    def _evaluate(self, trained: int) -> tuple[list[float | None], list[float | None]]:
+    def _evaluate(self, trained: int) -> EvalRow:
         t0 = time.perf_counter()
         rows = evaluate(self.strategy, self.exps, trained, self.cfg.train.eval_batch_size, self.cfg.train.eval_future_tasks)
         self.eval_time += time.perf_counter() - t0
         return rows
 
     # ---- results ----------------------------------------------------------------------------
+
+    def _task_inference(self, n_test: list[int]) -> dict[str, Any]:
+        """Task-inference accuracy matrix and its last row's sample-weighted mean (None if not inferred)."""
+        if not self.rows_tinf:
+            return {"task_inference_matrix": None, "task_inference_acc": None}
+        return {"task_inference_matrix": M.to_json_matrix(self.rows_tinf), "task_inference_acc": M.final_acc(self.rows_tinf, n_test)}
 
     def _n_test(self) -> list[int]:
         return [len(e.test) for e in self.exps]
@@ -365,6 +379,7 @@ class _Loop:
             **M.summarize(self.rows_cil, n_test),
             "task_aware": M.summarize(self.rows_til, n_test, self.initial_til),
             "trainable_params": sum(p.numel() for p in strategy.trainable_parameters()),
+            **self._task_inference(n_test),
             "stored_bytes": self.stored_bytes,
             "stored_bytes_per_task": [b - a for a, b in zip([0] + self.stored_bytes[:-1], self.stored_bytes)],
             "memory_size": memory_size,
