@@ -170,14 +170,14 @@ def bn_error_by_layer(summary: Mapping, path: str | Path, title: str = "", serie
     layers = list(summary["bn"])
     x = np.arange(len(layers))
     fig, ax = plt.subplots(figsize=(max(7.0, 0.35 * len(layers) + 3), 4.0))
-    old = [summary["bn"][l]["old_tasks_rel_l2"] for l in layers]
-    cur = [summary["bn"][l]["current_task_rel_l2"] for l in layers]
-    ax.plot(x, [np.nan if v is None else v for v in old], marker="o", ms=3, label="old tasks")
+    old = [summary["bn"][l]["old_tasks"] for l in layers]
+    cur = [summary["bn"][l]["current_task"] for l in layers]
+    ax.plot(x, [np.nan if v is None else v for v in old], marker="o", ms=3, label="old tasks (as used)")
     ax.plot(x, [np.nan if v is None else v for v in cur], marker="s", ms=3, label="current task")
     for label, values in (series or {}).items():
         ax.plot(x, [values.get(l, np.nan) for l in layers], marker=".", label=label)
     ax.set_xticks(x, layers, rotation=60, ha="right", fontsize=6)
-    ax.set_ylabel("running-mean error (relative L2)")
+    ax.set_ylabel("running-mean error (std units)" if summary.get("bn_metric") == "z" else "running-mean error (relative L2)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or "BatchNorm statistics at test time vs true means")
@@ -273,4 +273,24 @@ def cost_scatter(points: Mapping[str, tuple[float | None, float | None, float | 
         ax.margins(x=0.25, y=0.12)  # room for the labels
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(title or "Accuracy vs cost")
+    return _save(fig, path)
+
+
+def bn_error_compare(runs: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | Path, title: str = "") -> Path:
+    """Per run: error of the BN running mean used for old tasks, per layer; dotted: the alternatives a
+    per-task-BN run also recorded (plain per-task means, Xconv-recovered means)."""
+    fig, ax = plt.subplots(figsize=(10, 4.4))
+    layers: list[str] = []
+    for k, (name, variants) in enumerate(runs.items()):
+        color = plt.get_cmap("tab10")(k % 10)
+        for variant, values in variants.items():
+            layers = layers or list(values)
+            style = "-" if variant == "used" else ":"
+            label = name if variant == "used" else f"{name}: {variant}"
+            ax.plot(np.arange(len(values)), list(values.values()), style, color=color, marker="o" if variant == "used" else None, ms=3, label=label)
+    ax.set_xticks(np.arange(len(layers)), layers, rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("|running mean - true mean| / std (old tasks)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(title or "BatchNorm statistics used for old tasks vs their true values")
     return _save(fig, path)

@@ -265,6 +265,10 @@ def _experiment_plots(experiment: str, runs: dict[str, list[RunRecord]], plots: 
     shift = {name: curves_ for name, recs in runs.items() if (curves_ := _cka_curves(recs))}
     if shift:
         out.append(("Layer-wise CKA", P.cka_compare(shift, plots / f"{slug}_cka.png", f"{experiment}: CKA of old tasks' features vs right after learning them")))
+    bn = {name: errs for name, recs in runs.items() if (errs := _bn_errors(recs))}
+    if bn:
+        out.append(("BatchNorm statistics of old tasks at test time", P.bn_error_compare(bn, plots / f"{slug}_bn_error.png",
+                                                                                          f"{experiment}: BN running-mean error on old tasks")))
     points = {}
     for name, seeds in done.items():
         agg = aggregate([r for r in runs[name] if r.metrics])
@@ -274,21 +278,42 @@ def _experiment_plots(experiment: str, runs: dict[str, list[RunRecord]], plots: 
     return out
 
 
-def _cka_curves(records: Sequence[RunRecord]) -> dict[str, list[float]] | None:
-    """Mean over seeds of each layer's CKA curve, for runs that saved probes."""
+def _shift_summaries(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
+    """Shift summaries of the finished runs that saved probes (``shift/shift.json`` if already computed)."""
     from analysis.shift import load_probes, shift_tables, summarize_shift
 
-    curves: list[dict[str, list[float | None]]] = []
+    out = []
     for r in records:
         if r.metrics is None or not (r.path / "probes").is_dir():
             continue
         cached = r.path / "shift" / "shift.json"
         if cached.is_file():
-            curves.append(json.loads(cached.read_text())["cka_curve"])
+            out.append(json.loads(cached.read_text()))
         else:
             probes, order = load_probes(r.path)
             if probes:
-                curves.append(summarize_shift(shift_tables(probes), order)["cka_curve"])
+                out.append(summarize_shift(shift_tables(probes), order))
+    return out
+
+
+def _bn_errors(records: Sequence[RunRecord]) -> dict[str, dict[str, float]] | None:
+    """variant -> BN layer -> error of old tasks' running means (mean over seeds); "used" is what the run used."""
+    summaries = [s for s in _shift_summaries(records) if s.get("bn")]
+    if not summaries:
+        return None
+    out: dict[str, dict[str, float]] = {}
+    layers = list(summaries[0]["bn"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out["used"] = {l: float(np.nanmean([np.nan if s["bn"][l]["old_tasks"] is None else s["bn"][l]["old_tasks"] for s in summaries])) for l in layers}
+        for variant in summaries[0].get("bn_variants", {}):
+            out[variant] = {l: float(np.nanmean([np.nan if s["bn_variants"][variant][l] is None else s["bn_variants"][variant][l] for s in summaries])) for l in layers}
+    return out
+
+
+def _cka_curves(records: Sequence[RunRecord]) -> dict[str, list[float]] | None:
+    """Mean over seeds of each layer's CKA curve, for runs that saved probes."""
+    curves = [s["cka_curve"] for s in _shift_summaries(records)]
     if not curves:
         return None
     layers = list(curves[0])

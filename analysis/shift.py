@@ -135,16 +135,21 @@ def prototype_drift(before: Tensor, after: Tensor, labels: Tensor) -> dict[str, 
     return {"l2": float(move), "rel_l2": float(move / norm) if float(norm) > 0 else float("nan")}
 
 
-def bn_mean_error(running: Tensor, batch: Tensor) -> dict[str, float]:
+def bn_mean_error(running: Tensor, batch: Tensor, std: Tensor | None = None) -> dict[str, float]:
     """Error of a BatchNorm layer's stored running mean against the true mean of the data.
 
     Returns:
-        mae: mean absolute error per channel; rel_l2: ||running - batch|| / ||batch||.
+        mae: mean absolute error per channel; rel_l2: ||running - batch|| / ||batch|| (unstable
+        when the true means are near zero); z: mean over channels of |running - batch| / std, the
+        offset the error puts on the layer's normalised output, in standard deviations (if ``std``).
     """
     r, t = running.to(torch.float64), batch.to(torch.float64)
     diff = r - t
     norm = torch.linalg.norm(t)
-    return {"mae": float(diff.abs().mean()), "rel_l2": float(torch.linalg.norm(diff) / norm) if float(norm) > 0 else float("nan")}
+    out = {"mae": float(diff.abs().mean()), "rel_l2": float(torch.linalg.norm(diff) / norm) if float(norm) > 0 else float("nan")}
+    if std is not None:
+        out["z"] = float((diff.abs() / std.to(torch.float64)).mean())
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,9 +212,12 @@ def shift_tables(probes: dict[int, dict[str, Tensor]], debiased: bool = False, k
                 proto = prototype_drift(ref, tensor, labels) if labels is not None else {"l2": math.nan, "rel_l2": math.nan}
                 rows["drift"].append({"layer": name, "task": task, "experience": k, **drift, "proto_l2": proto["l2"], "proto_rel_l2": proto["rel_l2"]})
             elif kind == "bn_batch":
-                running = probes[k].get(f"task{task}/bn_running/{name}")
-                if running is not None:
-                    rows["bn"].append({"layer": name, "task": task, "experience": k, **bn_mean_error(running, tensor)})
+                # "bn_running" is the mean the network used; "bn_running_<variant>" what an alternative would use
+                for variant in ("", *(key.split("/")[1][len("bn_running_"):] for key in probes[k] if key.startswith(f"task{task}/bn_running_") and key.endswith(f"/{name}"))):
+                    running = probes[k].get(f"task{task}/bn_running{'_' + variant if variant else ''}/{name}")
+                    std = probes[k].get(f"task{task}/bn_std/{name}")
+                    if running is not None:
+                        rows["bn"].append({"layer": name, "task": task, "experience": k, "variant": variant or "used", **bn_mean_error(running, tensor, std)})
     return rows
 
 
@@ -237,18 +245,22 @@ def summarize_shift(tables: dict[str, list[dict[str, Any]]], order: dict[str, li
             "feature_cosine": old(tables["drift"], layer, "cosine"),
             "prototype_rel_l2": old(tables["drift"], layer, "proto_rel_l2"),
         }
+    metric = "z" if all("z" in r for r in tables["bn"]) else "rel_l2"
+    used = [r for r in tables["bn"] if r.get("variant", "used") == "used"]
     bn = {
         layer: {
-            "old_tasks_rel_l2": old(tables["bn"], layer, "rel_l2"),
-            "current_task_rel_l2": _mean([r["rel_l2"] for r in tables["bn"] if r["layer"] == layer and r["experience"] == last and r["task"] == last]),
+            "old_tasks": old(used, layer, metric),
+            "current_task": _mean([r[metric] for r in used if r["layer"] == layer and r["experience"] == last and r["task"] == last]),
         }
         for layer in order["bn"]
     }
+    variants = sorted({r["variant"] for r in tables["bn"]} - {"used"})
+    bn_variants = {v: {layer: old([r for r in tables["bn"] if r["variant"] == v], layer, metric) for layer in order["bn"]} for v in variants}
     curve = {
         layer: [_mean([r["cka"] for r in tables["cka"] if r["layer"] == layer and r["experience"] == k and r["task"] < k]) for k in range(last + 1)]
         for layer in order["feat"]
     }
-    return {"last_experience": last, "layers": layers, "bn": bn, "cka_curve": curve}
+    return {"last_experience": last, "layers": layers, "bn": bn, "bn_variants": bn_variants, "bn_metric": metric, "cka_curve": curve}
 
 
 def _fmt(v: float | None, scale: float = 1.0, digits: int = 3) -> str:
@@ -293,13 +305,29 @@ def analyse_run(run_dir: Any, debiased: bool = False, kernel: str = "linear", ou
     for layer, v in summary["layers"].items():
         lines.append(f"| {layer} | {_fmt(v['cka'])} | {_fmt(v['feature_rel_l2'])} | {_fmt(v['feature_cosine'])} | {_fmt(v['prototype_rel_l2'])} |")
     if summary["bn"]:
-        lines += ["", "| BatchNorm layer | running-mean error, old tasks (rel. L2) | current task (rel. L2) |", "|---|---|---|"]
+        variants = list(summary["bn_variants"])
+        unit = "in standard deviations of the normalised output, mean over channels" if summary["bn_metric"] == "z" else "relative L2"
+        lines += [
+            "",
+            "Error of the BatchNorm running mean used at test time against the true mean of the task's data through the current "
+            f"network ({unit})" + (f"; also what {', '.join(variants)} BN would use:" if variants else ":"),
+            "",
+            "| BatchNorm layer | old tasks | current task |" + "".join(f" old tasks, {v} |" for v in variants),
+            "|---|---|---|" + "---|" * len(variants),
+        ]
         for layer, v in summary["bn"].items():
-            lines.append(f"| {layer} | {_fmt(v['old_tasks_rel_l2'])} | {_fmt(v['current_task_rel_l2'])} |")
+            extra = "".join(f" {_fmt(summary['bn_variants'][var][layer])} |" for var in variants)
+            lines.append(f"| {layer} | {_fmt(v['old_tasks'])} | {_fmt(v['current_task'])} |{extra}")
+        if variants:
+            lines += ["", "| mean over layers | " + " | ".join(["used"] + variants) + " |", "|---|" + "---|" * (len(variants) + 1),
+                      "| old tasks | " + " | ".join(_fmt(_mean([v["old_tasks"] for v in summary["bn"].values()])) for _ in [0])
+                      + "".join(f" | {_fmt(_mean(list(summary['bn_variants'][var].values())))}" for var in variants) + " |"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     title = f"{run_dir.parent.parent.name} / {run_dir.parent.name} / {run_dir.name}"
     cka_over_experiences(tables["cka"], order["feat"], out / "cka_task1.png", title)
     cka_by_layer(summary, out / "cka_by_layer.png", title)
     if tables["bn"]:
-        bn_error_by_layer(summary, out / "bn_error_by_layer.png", title)
+        series = {f"old tasks, {v} BN" for v in summary["bn_variants"]}
+        bn_error_by_layer(summary, out / "bn_error_by_layer.png", title,
+                          series={f"old tasks, {v} BN": vals for v, vals in summary["bn_variants"].items()} if series else None)
     return summary

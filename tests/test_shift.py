@@ -73,9 +73,10 @@ def test_feature_and_prototype_drift_by_hand():
 
 
 def test_bn_mean_error_by_hand():
-    e = S.bn_mean_error(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 5.0]))
+    e = S.bn_mean_error(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 5.0]), torch.tensor([1.0, 1.0, 4.0]))
     assert e["mae"] == pytest.approx(2 / 3)
     assert e["rel_l2"] == pytest.approx(2 / math.sqrt(30))
+    assert e["z"] == pytest.approx((2 / 4) / 3)  # |3 - 5| / 4 in the third channel
 
 
 def test_shift_tables_on_hand_made_probes():
@@ -91,7 +92,7 @@ def test_shift_tables_on_hand_made_probes():
     assert cka[(0, 0)] == pytest.approx(1.0) and cka[(0, 1)] == pytest.approx(1.0) and (1, 1) in cka
     drift = {(r["task"], r["experience"]): r for r in tables["drift"]}
     assert drift[(0, 1)]["rel_l2"] == pytest.approx(1.0) and drift[(0, 1)]["proto_rel_l2"] == pytest.approx(1.0)
-    assert tables["bn"] == [{"layer": "bn", "task": 0, "experience": 1, "mae": 0.5, "rel_l2": pytest.approx(1 / math.sqrt(2))}]
+    assert tables["bn"] == [{"layer": "bn", "task": 0, "experience": 1, "variant": "used", "mae": 0.5, "rel_l2": pytest.approx(1 / math.sqrt(2))}]
     summary = S.summarize_shift(tables, {"feat": ["a"], "bn": ["bn"]})
     assert summary["layers"]["a"]["cka"] == pytest.approx(1.0) and summary["cka_curve"]["a"] == [None, pytest.approx(1.0)]
 
@@ -128,7 +129,7 @@ def test_frozen_backbone_shows_no_shift_in_its_layers(tmp: Path, shared_cache: P
     summary = S.analyse_run(tmp / "runs" / "tiny" / "er" / "seed0")
     for layer, v in summary["layers"].items():
         assert v["cka"] == pytest.approx(1.0, abs=1e-3), layer  # cached features: the backbone is bit-identical
-    assert all(v["old_tasks_rel_l2"] is not None for v in summary["bn"].values())
+    assert all(v["old_tasks"] is not None for v in summary["bn"].values()) and summary["bn_metric"] == "z"
 
 
 def test_shift_without_probes_is_a_clear_error(tmp: Path, capsys):

@@ -7,8 +7,9 @@ through the strategy after every experience. What is saved, per task ``j`` (keys
 * ``feat/<layer>``: spatially average-pooled features of every block timm's
   ``forward_intermediates`` exposes, plus ``feat/embedding``, what the strategy's classifier sees
   (float16: these are only compared with each other);
-* ``bn_batch/<layer>`` and ``bn_running/<layer>``: for every BatchNorm layer, the true mean of its
-  input on the probe set and the running mean the network used for it (float32);
+* ``bn_batch/<layer>``, ``bn_running/<layer>``, ``bn_std/<layer>``: for every BatchNorm layer, the
+  true mean of its input on the probe set, the running mean the network used for it, and the
+  running standard deviation it divided by (float32);
 * ``labels/y``: the probe labels.
 """
 

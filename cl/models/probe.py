@@ -32,7 +32,8 @@ def backbone_probe(backbone: Backbone, images: Tensor, device: torch.device, lay
                 def hook(mod: nn.Module, inputs: tuple[Tensor, ...], name: str = name) -> None:
                     inp = inputs[0]
                     dims = [d for d in range(inp.ndim) if d != 1]
-                    captured[name] = (inp.float().mean(dim=dims), mod.running_mean.detach().float().clone())
+                    captured[name] = (inp.float().mean(dim=dims), mod.running_mean.detach().float().clone(),
+                                      (mod.running_var.detach().float() + mod.eps).sqrt())
 
                 handles.append(module.register_forward_pre_hook(hook))
     try:
@@ -48,7 +49,8 @@ def backbone_probe(backbone: Backbone, images: Tensor, device: torch.device, lay
     out: dict[str, Tensor] = {}
     for i, t in zip(idx, outs):
         out[f"feat/{info[i] if i < len(info) else f'layer{i}'}"] = _pool(t).float().cpu()
-    for name, (batch, running) in captured.items():
+    for name, (batch, running, std) in captured.items():
         out[f"bn_batch/{name}"] = batch.cpu()
         out[f"bn_running/{name}"] = running.cpu()
+        out[f"bn_std/{name}"] = std.cpu()
     return out
