@@ -62,7 +62,7 @@ class ER(Finetune):
             loss = self.step(x, y, t)
         if isinstance(self._memory, ReservoirMemory):
             self._memory.add(x, y, task_id)
-        return {"loss": float(loss)}
+        return {"loss": loss.item()}
 
     def after_experience(self, exp: Experience) -> None:
         if isinstance(self._memory, ClassBalancedMemory):

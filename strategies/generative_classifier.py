@@ -122,11 +122,11 @@ class GenerativeClassifier(Strategy):
             if self.cfg.gamma > 0:
                 disc = proxy_softmax_loss(z, yb, self.proxies, self.observed, self.cfg.proxy_scale)
                 loss = loss + self.cfg.gamma * disc
-                terms["loss_disc"] = float(disc)
+                terms["loss_disc"] = disc.item()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            terms["loss"] = float(loss)
+            terms["loss"] = loss.item()
         self._memory.add(x, y.cpu(), task_id)
         self._version += 1
         return terms

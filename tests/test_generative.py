@@ -84,7 +84,7 @@ def test_memory_is_re_embedded_once_per_evaluation(tmp: Path, shared_cache: Path
             terms = s.observe(x, y, exp.task_id)
             assert math.isfinite(terms["loss"])
     before = s.memory_encodings
-    cil, _ = evaluate(s, exps, trained=3, batch_size=7, future=False)  # 20 test samples per task -> 9 predict calls
+    cil = evaluate(s, exps, trained=3, batch_size=7, future=False).cil  # 20 test samples per task -> 9 predict calls
     assert s.memory_encodings == before + 1
     assert all(a is not None for a in cil)
     s.observe(exps[0].train.x[:10], exps[0].train.y[:10], 0)  # any update invalidates the cache
