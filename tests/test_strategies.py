@@ -47,9 +47,9 @@ def train_stream(prep, epochs: int = 1):
         s.after_experience(exp)
 
 
-# Strategies that tune a BatchNorm backbone end to end cannot use this matrix's
+# Strategies that train inside the backbone (BatchNorm, PEFT modules) cannot use this matrix's
 # cached-feature fixture; each has its own file.
-TESTED_ELSEWHERE = {"confit": "tests/test_confit.py"}
+TESTED_ELSEWHERE = {"confit": "tests/test_confit.py", "peft_per_task": "tests/test_peft_per_task.py"}
 
 
 def test_matrix_covers_every_registered_strategy():

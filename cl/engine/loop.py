@@ -399,6 +399,9 @@ class _Loop:
             result["anytime"] = {"samples": [int(a[0]) for a in self.anytime], "acc": accs, "experience": [int(a[2]) for a in self.anytime]}
             result["avg_anytime_acc"] = M.avg_anytime_acc(accs)
         self._plots(result)
+        export = getattr(self.strategy, "export", None)
+        if export is not None:  # e.g. the per-task PEFT bank
+            export(self.run_dir)
         write_json(self.run_dir / "metrics.json", result)  # last: its presence marks the run finished
         self.log.write("run_end", wall_time_s=wall, final_acc=result["final_acc"])
         self.log.close()
