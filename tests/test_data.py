@@ -222,3 +222,14 @@ def test_cub200_loader_on_a_tiny_official_layout(tmp: Path):
     assert b.source.x_train.shape == (200, 3, 8, 8) and len(b.source.y_test) == 200
     assert b.source.classes[4] == "005.Bird" and int(b.source.x_train[b.source.y_train == 4][0, 0, 0, 0]) == 5
     assert [len(e.classes) for e in b.experiences] == [20] * 10
+
+
+def test_shuffled_batches_fold_a_trailing_single_sample():
+    from cl.data.benchmark import Split
+
+    split = Split(torch.arange(11), torch.arange(11))
+    shuffled = list(split.batches(5, torch.Generator().manual_seed(0)))
+    assert [len(x) for x, _ in shuffled] == [5, 6]  # BatchNorm cannot train on a batch of one
+    assert sorted(torch.cat([x for x, _ in shuffled]).tolist()) == list(range(11))
+    assert [len(x) for x, _ in split.batches(5)] == [5, 5, 1]  # evaluation order is untouched
+    assert [len(x) for x, _ in split.batches(4, torch.Generator())] == [4, 4, 3]

@@ -36,15 +36,23 @@ class Split:
         return len(self.y)
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """Mini-batches in order, or shuffled with ``generator``."""
+        """Mini-batches in order, or shuffled with ``generator`` (training).
+
+        When shuffled, a last batch of a single sample is folded into the one before it: BatchNorm
+        cannot train on one sample, and dropping it would lose data.
+        """
         n = len(self)
-        order = torch.randperm(n, generator=generator) if generator is not None else None
-        for start in range(0, n, batch_size):
-            if order is None:
+        if generator is None:
+            for start in range(0, n, batch_size):
                 yield self.x[start : start + batch_size], self.y[start : start + batch_size]
-            else:
-                idx = order[start : start + batch_size]
-                yield self.x[idx], self.y[idx]
+            return
+        order = torch.randperm(n, generator=generator)
+        starts = list(range(0, n, batch_size))
+        if len(starts) > 1 and n - starts[-1] == 1:
+            starts.pop()
+        for i, start in enumerate(starts):
+            idx = order[start : starts[i + 1] if i + 1 < len(starts) else n]
+            yield self.x[idx], self.y[idx]
 
 
 @dataclass
