@@ -134,3 +134,24 @@ def test_bad_peft_configs_are_one_line_errors(tmp: Path, shared_cache: Path):
         cfg(tmp, shared_cache, peft={"name": "vpt"}, merge_eval=True)
     with pytest.raises(ConfigError, match="backbone.freeze: peft_per_task trains modules on a frozen backbone"):
         parse_run_config(tiny_config(tmp, backbone={**VIT, "freeze": "all"}, strategy={"name": "peft_per_task"}))
+
+
+def test_aper_adapts_once_then_only_adds_prototypes(tmp: Path, shared_cache: Path):
+    config = tiny_config(tmp, cache_dir=str(shared_cache), backbone=VIT, strategy={"name": "aper", "lr": 0.01, "peft": {"name": "adapter", "bottleneck": 4}},
+                         train={"epochs": 2, "batch_size": 16})
+    prep = prepare(parse_run_config(config))
+    s, exps = prep.strategy, prep.bench.experiences
+    init = {k: v.clone() for k, v in s.module.state_dict().items()}
+    train_task(s, exps[0])
+    adapted = {k: v.clone() for k, v in s.module.state_dict().items()}
+    assert any(not torch.equal(init[k], v) for k, v in adapted.items())
+    train_task(s, exps[1])
+    assert all(torch.equal(adapted[k], v) for k, v in s.module.state_dict().items())
+    lo, hi = exps[1].class_range
+    x = exps[1].train.x
+    feats = s.embed(x)
+    assert feats.shape[1] == 2 * prep.strategy.ctx.feature_dim  # [pretrained, adapted]
+    for c in range(lo, hi):
+        torch.testing.assert_close(s.sums[c] / s.counts[c], feats[exps[1].train.y == c].double().mean(0), rtol=1e-5, atol=1e-5)
+    scores = s.predict(exps[0].test.x[:4], None)
+    assert torch.isfinite(scores[:, :hi]).all() and torch.isinf(scores[:, hi:]).all()
