@@ -155,3 +155,32 @@ def test_aper_adapts_once_then_only_adds_prototypes(tmp: Path, shared_cache: Pat
         torch.testing.assert_close(s.sums[c] / s.counts[c], feats[exps[1].train.y == c].double().mean(0), rtol=1e-5, atol=1e-5)
     scores = s.predict(exps[0].test.x[:4], None)
     assert torch.isfinite(scores[:, :hi]).all() and torch.isinf(scores[:, hi:]).all()
+
+
+def test_l2p_selects_prompts_by_key_and_trains_only_its_pool(tmp: Path, shared_cache: Path):
+    config = tiny_config(tmp, cache_dir=str(shared_cache), backbone=VIT, strategy={"name": "l2p", "lr": 0.01, "pool_size": 4, "length": 2, "top_k": 2},
+                         train={"epochs": 1, "batch_size": 16})
+    prep = prepare(parse_run_config(config))
+    s, exps = prep.strategy, prep.bench.experiences
+    backbone = {k: v.clone() for k, v in s.model.state_dict().items()}
+    x = exps[0].train.x[:8]
+    with torch.no_grad():
+        query = s.model(s.ctx.backbone.transform(x, s.device))
+    _, q, keys = s.forward(x)
+    torch.testing.assert_close(q, query)
+    sims = torch.nn.functional.normalize(query, dim=1) @ torch.nn.functional.normalize(s.pool["key"], dim=1).T
+    expected = s.pool["key"][sims.topk(2, dim=1).indices]
+    assert torch.equal(keys, expected)
+    before = {k: v.clone() for k, v in s.pool.items()}
+    train_task(s, exps[0], epochs=1)
+    assert all(torch.equal(v, s.model.state_dict()[k]) for k, v in backbone.items())
+    assert any(not torch.equal(before[k], v) for k, v in s.pool.items())
+    scores = s.predict(exps[0].test.x[:4], None)
+    hi = exps[0].class_range[1]
+    assert torch.isfinite(scores[:, :hi]).all() and torch.isinf(scores[:, hi:]).all()
+    assert s.model.forward_features(s.ctx.backbone.transform(x, s.device)).shape[1] == 1 + 16  # no prompts outside forward
+
+
+def test_l2p_refuses_a_convnet(tmp: Path, shared_cache: Path):
+    with pytest.raises(ConfigError, match="'l2p' needs a timm ViT"):
+        prepare(parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "l2p"})))
