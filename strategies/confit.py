@@ -28,7 +28,6 @@ import math
 from typing import Any, Iterator, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -37,6 +36,7 @@ from cl.data.benchmark import Experience
 from cl.models.xconv import ConvBNPair, attach_trackers, recover_output_mean, recover_output_mean_spatial
 from cl.registry import STRATEGIES
 from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer, masked_cross_entropy
+from strategies.task_inference import Prototypes
 
 
 class ConFiTConfig(OptimConfig):
@@ -75,7 +75,7 @@ TRACKER_KEYS = {"xconv": ("running_mean", "input_size"), "xconv_spatial": ("runn
 class ConFiT(Strategy):
     input_kind = "images"
     task_aware_predict = True
-    stateful = ("head", "bank", "proto_sums", "proto_counts")
+    stateful = ("head", "bank", "prototypes")
 
     def __init__(self, cfg: ConFiTConfig, ctx: StrategyContext) -> None:
         super().__init__(cfg, ctx)
@@ -90,8 +90,7 @@ class ConFiT(Strategy):
         self.pairs: list[ConvBNPair] = attach_trackers(self.model, example) if self.per_task else []
         self.head = nn.Linear(ctx.feature_dim, ctx.n_classes).to(self.device)
         self.bank: dict[int, dict[str, Tensor]] = {}  # task -> flat dict of BN state and tracker means
-        self.proto_sums = torch.zeros(ctx.n_classes, ctx.feature_dim, dtype=torch.float64, device=self.device)
-        self.proto_counts = torch.zeros(ctx.n_classes, dtype=torch.float64, device=self.device)
+        self.prototypes = Prototypes(ctx.n_classes, ctx.feature_dim).to(self.device)  # of the pretrained features
         self.optimizer: torch.optim.Optimizer | None = None
         self.stage = -1
         self.current = -1
@@ -155,10 +154,8 @@ class ConFiT(Strategy):
         self.reference.eval()
         for start in range(0, len(exp.train), self.ctx.train.eval_batch_size):
             xb = exp.train.x[start : start + self.ctx.train.eval_batch_size]
-            yb = exp.train.y[start : start + self.ctx.train.eval_batch_size].to(self.device)
-            feats = self.reference(self.ctx.backbone.transform(xb, self.device)).double()
-            self.proto_sums.index_add_(0, yb, feats)
-            self.proto_counts.index_add_(0, yb, torch.ones_like(yb, dtype=torch.float64))
+            yb = exp.train.y[start : start + self.ctx.train.eval_batch_size]
+            self.prototypes.add(self.reference(self.ctx.backbone.transform(xb, self.device)), yb)
         self._version += 1
 
     # ---- per-task BatchNorm state ------------------------------------------------------------
@@ -236,16 +233,8 @@ class ConFiT(Strategy):
         """Task of each sample, among the tasks trained so far."""
         tasks = sorted(self.bank)
         if self.cfg.task_inference == "prototype":
-            known = self.proto_counts > 0
-            protos = (self.proto_sums / self.proto_counts.clamp(min=1)[:, None]).float()
             feats = self.reference(self.ctx.backbone.transform(x, self.device))
-            sims = F.normalize(feats, dim=1) @ F.normalize(protos, dim=1).T
-            cls = sims.masked_fill(~known[None, :], float("-inf")).argmax(dim=1)
-            task_of_class = torch.full((self.ctx.n_classes,), -1, dtype=torch.long, device=self.device)
-            for t in tasks:
-                lo, hi = self.task_ranges[t]
-                task_of_class[lo:hi] = t
-            return task_of_class[cls].cpu()
+            return self.prototypes.infer_task(feats, {t: self.task_ranges[t] for t in tasks})
         self.model.eval()
         confidence = []
         for t in tasks:
