@@ -5,7 +5,8 @@ memory 500), same frozen pretrained backbone, same optimiser. Avalanche is run t
 describe online learning: ``split_online_stream(train_stream, experience_size=10)`` and one
 ``strategy.train`` call per mini-experience, with
 
-* ``avalanche_replay``: Naive + ReplayPlugin(ReservoirSamplingBuffer) over the frozen backbone + a linear head;
+* ``avalanche_replay``: Naive + ReplayPlugin(ReservoirSamplingBuffer) over the frozen backbone + a linear head
+  over all classes (``IncrementalClassifier`` fails on ``split_online_stream``'s experiences);
 * ``avalanche_scr``: SCR (its closest relative of the generative classifier) over the same backbone,
   with a trainable MLP "feature extractor" on top, like our projection;
 
@@ -39,9 +40,9 @@ from cl.config import apply_overrides, load_yaml, parse_run_config  # noqa: E402
 from cl.engine.loop import prepare_inputs, run  # noqa: E402
 
 
-def avalanche_online(method: str, scenario, feature_extractor: nn.Module, feature_dim: int, n_classes_first: int, args) -> dict:
+def avalanche_online(method: str, scenario, feature_extractor: nn.Module, feature_dim: int, n_classes: int, args) -> dict:
     from avalanche.benchmarks.scenarios import split_online_stream
-    from avalanche.models import IncrementalClassifier, SCRModel
+    from avalanche.models import SCRModel
     from avalanche.training import SCR, Naive
     from avalanche.training.plugins import ReplayPlugin
     from avalanche.training.storage_policy import ReservoirSamplingBuffer
@@ -54,7 +55,9 @@ def avalanche_online(method: str, scenario, feature_extractor: nn.Module, featur
         strategy = SCR(model=model, optimizer=torch.optim.SGD(params, lr=args.lr, momentum=0.9), mem_size=args.memory,
                        batch_size_mem=10, train_mb_size=10, train_epochs=1, eval_mb_size=1024, evaluator=quiet_evaluator())
     else:
-        model = nn.Sequential(feature_extractor, IncrementalClassifier(feature_dim, initial_out_features=n_classes_first))
+        # a fixed head over all classes, like our ER: IncrementalClassifier cannot adapt to the mini-experiences
+        # of split_online_stream (Avalanche 0.6: OnlineCLExperience has no classes_in_this_experience)
+        model = nn.Sequential(feature_extractor, nn.Linear(feature_dim, n_classes))
         params = [p for p in model.parameters() if p.requires_grad]
         plugin = ReplayPlugin(args.memory, batch_size=10, batch_size_mem=10, storage_policy=ReservoirSamplingBuffer(args.memory))
         strategy = Naive(model=model, optimizer=torch.optim.SGD(params, lr=args.lr, momentum=0.9), criterion=nn.CrossEntropyLoss(),
@@ -112,13 +115,13 @@ def main() -> None:
     cfg = parse_run_config({**data, "strategy": {"name": "er"}})
     inputs = prepare_inputs(cfg, want_features=True)
     bench, images, backbone = inputs.bench, inputs.images, inputs.backbone
-    first = len(bench.experiences[0].classes)
+    n_classes = bench.n_classes
     img_scenario = float_scenario(images, backbone.transform)
     train_x, test_x = _pool_features(bench)
     feat_scenario = features_scenario(images, train_x, test_x)
     for method in ("replay", "scr"):
-        results[f"avalanche_{method}_images"] = avalanche_online(method, img_scenario, FrozenExtractor(backbone.model), backbone.feature_dim, first, args)
-        results[f"avalanche_{method}_features"] = avalanche_online(method, feat_scenario, nn.Identity(), backbone.feature_dim, first, args)
+        results[f"avalanche_{method}_images"] = avalanche_online(method, img_scenario, FrozenExtractor(backbone.model), backbone.feature_dim, n_classes, args)
+        results[f"avalanche_{method}_features"] = avalanche_online(method, feat_scenario, nn.Identity(), backbone.feature_dim, n_classes, args)
     ratios = {
         "er_vs_avalanche_replay_images": results["ours_er"]["samples_per_s"] / results["avalanche_replay_images"]["samples_per_s"],
         "er_vs_avalanche_replay_features": results["ours_er"]["samples_per_s"] / results["avalanche_replay_features"]["samples_per_s"],
