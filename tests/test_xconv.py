@@ -109,3 +109,13 @@ def test_recovery_through_a_real_block_matches_bn_statistics_when_weights_do_not
     p = next(p for p in pairs if p.conv_name == "conv1.0")
     recovered = recover_output_mean(p.conv, p.tracker.running_mean, tuple(p.tracker.input_size.tolist()))
     assert torch.allclose(recovered, p.bn.running_mean, atol=0.05)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_every_batchnorm_of_resnet18_and_resnet50_gets_a_tracker(arch: str):
+    model = timm.create_model(arch, num_classes=0)
+    pairs = attach_trackers(model, torch.zeros(2, 3, 32, 32))
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert sorted(p.bn_name for p in pairs) == sorted(bns)
+    strided = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.stride != (1, 1)}
+    assert {p.conv_name for p in pairs if p.tracker.parity} == strided  # the stem and every stride-2 conv
