@@ -13,6 +13,7 @@ Parameters per block ``2·d·m + m + d`` (m the bottleneck): 0.157M at m=8 on Vi
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -87,24 +88,13 @@ class Adapter(PeftMethod):
     def hooks(self, model: nn.Module) -> list[Hook]:
         out: list[Hook] = []
         for i, block in enumerate(vit_blocks(model)):
-            if self.cfg.placement == "parallel":
-                out.append((block.norm2, "pre", self._capture(i)))
-                out.append((block.ls2, "forward", self._add_parallel(i)))
+            branch = functools.partial(self.branch, i)
+            if self.cfg.placement == "parallel":  # fed with x' (the input of LN2), added next to the MLP
+                out.append((block.norm2, "pre", self.stash_input(i)))
+                out.append((block.ls2, "forward", self.add_branch(i, branch)))
             else:
                 out.append((block.ls2, "forward", self._add_sequential(i)))
         return out
-
-    def _capture(self, i: int):
-        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            self._stash[i] = args[0]
-
-        return hook
-
-    def _add_parallel(self, i: int):
-        def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
-            return out + self.branch(i, self._stash.pop(i))
-
-        return hook
 
     def _add_sequential(self, i: int):
         def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:

@@ -78,6 +78,30 @@ class PeftMethod(nn.Module):
 
     # ---- shared -----------------------------------------------------------------------------
 
+    def stash_input(self, key: Any) -> Callable[..., None]:
+        """Pre-hook keeping a module's input for a parallel branch added further on."""
+
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            self._stash[key] = args[0]
+
+        return hook
+
+    def stash_output(self, key: Any) -> Callable[..., None]:
+        """Forward hook keeping a module's output for a parallel branch added further on."""
+
+        def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+            self._stash[key] = out
+
+        return hook
+
+    def add_branch(self, key: Any, branch: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
+        """Forward hook adding ``branch(stashed input)`` to a module's output."""
+
+        def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
+            return out + branch(self._stash.pop(key))
+
+        return hook
+
     def w(self, weight: Tensor) -> Tensor:
         """A weight matrix as the forward pass uses it (1-bit fake-quantised when ``bits: 1``)."""
         if self.cfg.bits == 1 and weight.dim() >= 2 and not self.quantised_weights_loaded:

@@ -9,6 +9,7 @@ paper's code), γ=1 1.30M. Not mergeable (ReLU), not an identity at init.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -71,18 +72,6 @@ class ConvAdapter(PeftMethod):
     def hooks(self, model: nn.Module) -> list[Hook]:
         out: list[Hook] = []
         for k, (_, conv, act) in enumerate(adapted_convs(model)):
-            out.append((conv, "pre", self._capture(k)))
-            out.append((act, "forward", self._add(k)))
+            out.append((conv, "pre", self.stash_input(k)))
+            out.append((act, "forward", self.add_branch(k, functools.partial(self._branch, k))))
         return out
-
-    def _capture(self, k: int):
-        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            self._stash[k] = args[0]
-
-        return hook
-
-    def _add(self, k: int):
-        def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
-            return out + self._branch(k, self._stash.pop(k))
-
-        return hook

@@ -10,6 +10,7 @@ Parameters per block 2·(d·m + m + 9m² + m + m·d + d): 0.328M at m=8 on ViT-B
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -84,18 +85,6 @@ class Convpass(PeftMethod):
         for i, block in enumerate(vit_blocks(model)):
             for j, (norm, scale) in enumerate(((block.norm1, block.ls1), (block.norm2, block.ls2))):
                 k = 2 * i + j
-                out.append((norm, "forward", self._capture(k)))
-                out.append((scale, "forward", self._add(k)))
+                out.append((norm, "forward", self.stash_output(k)))  # LN1 x / LN2 x'
+                out.append((scale, "forward", self.add_branch(k, functools.partial(self.cp, k))))
         return out
-
-    def _capture(self, k: int):
-        def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
-            self._stash[k] = out
-
-        return hook
-
-    def _add(self, k: int):
-        def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
-            return out + self.cp(k, self._stash.pop(k))
-
-        return hook
