@@ -41,6 +41,7 @@ from cl.models.backbone import Backbone, check_input, create_backbone
 from cl.models.features import cached_features
 from cl.models.pretrain import get_pretrained
 from cl.registry import STRATEGIES
+from cl.errors import ConfigError
 from cl.utils import environment_info, peak_rss_mb, resolve_device, seed_everything, write_json
 from strategies.base import Strategy, StrategyContext, create_strategy
 
@@ -115,6 +116,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     start = time.perf_counter()
     strategy_cls = STRATEGIES.get(cfg.strategy.name)
     inputs = prepare_inputs(cfg, want_features=strategy_cls.input_kind == "features")
+    memory = getattr(cfg.strategy, "memory_size", None)
+    n_train = sum(len(e.train) for e in inputs.bench.experiences)
+    if memory is not None and memory > n_train:
+        raise ConfigError(f"strategy.memory_size: {memory} exceeds the {n_train} training samples of the stream")
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)  # strategy initialisation does not depend on what setup consumed
     ctx = StrategyContext(
