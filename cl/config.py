@@ -440,7 +440,10 @@ def parse_run_config(data: dict[str, Any]) -> RunConfig:
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """YAML file (+ ``base:`` chain) + ``--set`` overrides -> validated RunConfig."""
-    data = apply_overrides(load_yaml(path), overrides or [])
+    data = load_yaml(path)
+    if "suite" in data:
+        raise ConfigError(f"{path} is a suite, not a run config: run it with `cl sweep {path}`")
+    data = apply_overrides(data, overrides or [])
     return parse_run_config(data)
 
 

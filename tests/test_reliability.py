@@ -107,6 +107,7 @@ BAD = [
     ("yaml_duplicate", "seed: 1\nseed: 2\n", None, [], "duplicate key 'seed'"),
     ("yaml_boolean_key", "benchmark:\n  on: 1\n", None, [], "read as a boolean"),
     ("yaml_top_level_list", "- 1\n", None, [], "top level must be a mapping"),
+    ("suite_given_to_run", "suite: s\nconfig: x.yaml\nstrategies: []\n", None, [], "is a suite, not a run config: run it with `cl sweep"),
     ("unknown_top", None, {"trian": {}}, [], "unknown key 'trian'"),
     ("unknown_benchmark", None, {"benchmark": {"n_exp": 3}}, [], "unknown key 'benchmark.n_exp'"),
     ("unknown_dataset", None, {"benchmark": {"dataset": {"name": "synthetic", "n_class": 6}}}, [], "unknown key 'benchmark.dataset.n_class'"),
