@@ -36,7 +36,7 @@ from cl.data.benchmark import Experience
 from cl.models.xconv import ConvBNPair, attach_trackers, recover_output_mean, recover_output_mean_spatial
 from cl.registry import STRATEGIES
 from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer, masked_cross_entropy
-from strategies.task_inference import Prototypes
+from strategies.task_inference import Prototypes, route
 
 
 class ConFiTConfig(OptimConfig):
@@ -248,14 +248,20 @@ class ConFiT(Strategy):
         scores = torch.full((len(x), self.ctx.n_classes), float("-inf"), device=self.device)
         if task_id is not None:
             return self._task_logits(x, task_id) if task_id in self.task_ranges else scores
+        return self.predict_inferring(x)[0]
+
+    @torch.no_grad()
+    def predict_inferring(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Class-incremental scores with the task inferred, and the inferred tasks (None before any task)."""
+        self.model.eval()
         if not self.bank:
-            return scores
+            return torch.full((len(x), self.ctx.n_classes), float("-inf"), device=self.device), None
         inferred = self.infer_task(x)
-        for t in torch.unique(inferred).tolist():
-            rows = torch.nonzero(inferred == t).flatten()
-            lo, hi = self.task_ranges[t]
-            scores[rows.to(self.device), lo:hi] = self._task_logits(x[rows], t)[:, lo:hi]
-        return scores
+
+        def own_classes(xr: Tensor, t: int) -> Tensor:  # the head spans all classes; keep task t's
+            return self._task_logits(xr, t)[:, slice(*self.task_ranges[t])]
+
+        return route(x, inferred, self.task_ranges, self.ctx.n_classes, own_classes, self.device), inferred
 
     # ---- shift probes and bookkeeping --------------------------------------------------------
 

@@ -32,7 +32,7 @@ from cl.peft import PeftConfig, PeftMethod, bank, build_peft
 from cl.peft.adapter import AdapterConfig
 from cl.registry import PEFT, STRATEGIES
 from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
-from strategies.task_inference import Prototypes
+from strategies.task_inference import Prototypes, route
 
 
 class PeftPerTaskConfig(OptimConfig):
@@ -176,14 +176,15 @@ class PeftPerTask(Strategy):
                 lo, hi = self.task_ranges[task_id]
                 scores[:, lo:hi] = self._task_logits(x, task_id)
             return scores
+        return self.predict_inferring(x)[0]
+
+    @torch.no_grad()
+    def predict_inferring(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Class-incremental scores with the task inferred, and the inferred tasks (None before any task)."""
         if not self._trained():
-            return scores
+            return torch.full((len(x), self.ctx.n_classes), float("-inf"), device=self.device), None
         inferred = self.infer_task(x)
-        for t in torch.unique(inferred).tolist():
-            rows = torch.nonzero(inferred == t).flatten()
-            lo, hi = self.task_ranges[t]
-            scores[rows.to(self.device), lo:hi] = self._task_logits(x[rows], t)
-        return scores
+        return route(x, inferred, self.task_ranges, self.ctx.n_classes, self._task_logits, self.device), inferred
 
     # ---- bookkeeping -------------------------------------------------------------------------
 

@@ -1,11 +1,15 @@
 """Task-id inference shared by per-task strategies (ConFiT, PEFT-per-task).
 
+:func:`route` scores each sample with the task it was assigned to, so ``predict(x, None)`` and the
+task-inference accuracy come from one inference (``predict_inferring`` in the strategies).
 :class:`Prototypes` keeps class means of the *pretrained, frozen* features and assigns a sample to
 the task owning its nearest class mean (cosine). It is a sufficient statistic (float64 sums and
 counts), so it checkpoints exactly and updates in one pass.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,3 +41,14 @@ class Prototypes(nn.Module):
         for t, (lo, hi) in task_ranges.items():
             task_of_class[lo:hi] = t
         return task_of_class[self.nearest_class(feats)].cpu()
+
+
+def route(x: Tensor, tasks: Tensor, task_ranges: dict[int, tuple[int, int]], n_classes: int,
+          task_scores: Callable[[Tensor, int], Tensor], device: torch.device) -> Tensor:
+    """Scores over all classes: sample ``i`` gets ``task_scores(x_i, t_i)`` on task ``t_i``'s classes, -inf elsewhere."""
+    scores = torch.full((len(x), n_classes), float("-inf"), device=device)
+    for t in torch.unique(tasks).tolist():
+        rows = torch.nonzero(tasks == t).flatten()
+        lo, hi = task_ranges[t]
+        scores[rows.to(device), lo:hi] = task_scores(x[rows], t)
+    return scores

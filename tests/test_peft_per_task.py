@@ -184,3 +184,19 @@ def test_l2p_selects_prompts_by_key_and_trains_only_its_pool(tmp: Path, shared_c
 def test_l2p_refuses_a_convnet(tmp: Path, shared_cache: Path):
     with pytest.raises(ConfigError, match="'l2p' needs a timm ViT"):
         prepare(parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "l2p"})))
+
+
+def test_evaluation_takes_task_inference_and_scores_from_one_inference(tmp: Path, shared_cache: Path, monkeypatch):
+    from cl.engine.evaluate import evaluate
+
+    prep = prepare(cfg(tmp, shared_cache, peft={"name": "lora", "rank": 2}))
+    s, exps = prep.strategy, prep.bench.experiences
+    for exp in exps[:2]:
+        train_task(s, exp)
+    expected = [float((s.infer_task(e.test.x) == j).float().mean()) for j, e in enumerate(exps[:2])]
+    calls = []
+    infer = s.infer_task
+    monkeypatch.setattr(s, "infer_task", lambda x: calls.append(len(x)) or infer(x))
+    row = evaluate(s, exps, trained=2, batch_size=64, future=False)
+    assert row.task_inference[:2] == pytest.approx(expected) and row.task_inference[2] is None
+    assert sum(calls) == sum(len(e.test) for e in exps[:2])  # each test sample inferred once

@@ -33,28 +33,33 @@ def evaluate(strategy: object, experiences: list[Experience], trained: int, batc
         til: task-aware accuracy, the argmax over the task's own classes, with ``predict`` given the
             task id when the strategy uses it; None where the strategy cannot score the task's
             classes (non-finite scores) or when not evaluated.
-        task_inference: for strategies with ``infer_task(x)``, the fraction of each trained task's
-            test samples assigned to the right task.
+        task_inference: for strategies that infer the task (``predict_inferring(x) -> (scores,
+            tasks)``, one inference serving both), the fraction of each trained task's test samples
+            assigned to the right task.
     """
     n_seen = experiences[trained - 1].class_range[1] if trained else 0
     aware = getattr(strategy, "task_aware_predict", False)
-    infer = getattr(strategy, "infer_task", None)
+    inferring = getattr(strategy, "predict_inferring", None)
     cil: list[float | None] = []
     til: list[float | None] = []
-    tinf: list[float | None] | None = [] if infer is not None else None
+    tinf: list[float | None] | None = [] if inferring is not None else None
     for j, exp in enumerate(experiences):
         is_future = j >= trained
-        if tinf is not None:
-            tinf.append(None if is_future else sum(int((infer(xb) == j).sum()) for xb, _ in exp.test.batches(batch_size)) / max(len(exp.test), 1))
         if is_future and not future:
             cil.append(None)
             til.append(None)
+            if tinf is not None:
+                tinf.append(None)
             continue
         lo, hi = exp.class_range
-        hits_cil = hits_til = 0
+        hits_cil = hits_til = hits_task = 0
         til_defined = True
         for xb, yb in exp.test.batches(batch_size):
-            scores = strategy.predict(xb, None)  # type: ignore[attr-defined]
+            if inferring is not None:
+                scores, tasks = inferring(xb)
+                hits_task += 0 if tasks is None else int((tasks == j).sum())
+            else:
+                scores = strategy.predict(xb, None)  # type: ignore[attr-defined]
             if not is_future:
                 hits_cil += int((scores[:, :n_seen].argmax(1).cpu() == yb).sum())
             task_scores = (strategy.predict(xb, j) if aware else scores)[:, lo:hi]  # type: ignore[attr-defined]
@@ -65,6 +70,8 @@ def evaluate(strategy: object, experiences: list[Experience], trained: int, batc
         n = max(len(exp.test), 1)
         cil.append(None if is_future else hits_cil / n)
         til.append(hits_til / n if til_defined else None)
+        if tinf is not None:
+            tinf.append(None if is_future else hits_task / n)
     return EvalRow(cil, til, tinf)
 
 

@@ -22,15 +22,11 @@ from cl.peft.quant import dequantize_1bit, pack_bits, quantize_1bit, unpack_bits
 BITS, STATS = ".__bits", ".__mu_sigma"
 
 
-def _quantised(method: PeftMethod, name: str, t: Tensor) -> bool:
-    return method.cfg.bits == 1 and t.dim() >= 2
-
-
 def pack(method: PeftMethod) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for name, t in method.state_dict().items():
         t = t.detach().cpu()
-        if _quantised(method, name, t):
+        if method.cfg.bits == 1 and t.dim() >= 2:  # the weight matrices (what PeftMethod.w quantises)
             signs, mu, sigma = quantize_1bit(t)
             out[name + BITS] = pack_bits(signs)
             out[name + STATS] = torch.tensor([mu, sigma], dtype=torch.float32)

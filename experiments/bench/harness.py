@@ -106,10 +106,8 @@ def offline_item(item: str) -> dict:
 
 
 def online_item(item: str) -> dict:
-    from online_throughput import _pool_features, avalanche_online, features_scenario  # noqa: F401
-    from torch import nn
-
     from avalanche_side import FrozenExtractor, float_scenario
+    from online_throughput import avalanche_online
     from cl.config import apply_overrides, load_yaml, parse_run_config
     from cl.engine.loop import prepare_inputs, run
 
