@@ -15,10 +15,15 @@ from analysis.metrics import Matrix, as_matrix, incremental_accs  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
+    """Write a figure atomically (a full disk leaves no empty or partial image) and close it."""
+    from cl.utils import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

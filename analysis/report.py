@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import html
 import io
 import json
@@ -29,7 +30,6 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-import yaml
 
 from analysis.metrics import incremental_accs
 
@@ -56,24 +56,95 @@ class RunRecord:
     metrics: dict[str, Any] | None = None
     status: str = "finished"  # finished | unfinished | failed
     error: str | None = None
+    config: dict[str, Any] | None = None  # what the result depends on, without seed and placement
+
+
+# config keys that place a run rather than describe it (compare groups runs that differ only in these)
+_PLACEMENT = ("experiment", "run_name", "seed")
+_VOLATILE = ("progress", "out_dir", "data_root", "cache_dir", "num_threads")
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _run_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's result config (from run.json, else config.yaml), without placement keys."""
+    config: Any = None
+    marker = run_dir / "run.json"
+    if marker.is_file():
+        data = _read_json(marker)
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            raise ValueError("run.json holds no config")
+        config = dict(data["config"])
+        config["data_fingerprint"] = (data.get("identity") or {}).get("data")
+    elif (run_dir / "config.yaml").is_file():
+        config = _read_yaml(run_dir / "config.yaml")
+        if isinstance(config, dict):
+            config = {k: v for k, v in config.items() if k not in _VOLATILE}
+    if not isinstance(config, dict):
+        return None
+    return {k: v for k, v in config.items() if k not in _PLACEMENT}
+
+
+def _read_yaml(path: Path) -> Any:
+    from cl.config import parse_yaml_text  # bounded: a hostile file is an error, not a hang
+
+    return parse_yaml_text(path.read_text(encoding="utf-8"), str(path))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_metrics(m: Any) -> dict[str, Any]:
+    """A metrics.json object with the shapes the report relies on, or ValueError naming what is off."""
+    if not isinstance(m, dict):
+        raise ValueError("metrics.json is not an object")
+    n_test = m.get("n_test_per_task")
+    if not isinstance(n_test, list) or not n_test or not all(isinstance(n, int) and n >= 0 for n in n_test):
+        raise ValueError("n_test_per_task is not a list of counts")
+    for key in ("acc_matrix", "acc_matrix_task_aware"):
+        R = m.get(key)
+        if key == "acc_matrix" and R is None:
+            raise ValueError("no acc_matrix")
+        if R is not None and not (
+            isinstance(R, list) and R and all(isinstance(row, list) and len(row) == len(n_test) and all(v is None or _is_number(v) for v in row) for row in R)
+        ):
+            raise ValueError(f"{key} is not a matrix of accuracies over {len(n_test)} tasks")
+    for key in ("experiment", "run", "scenario"):
+        if key in m and not isinstance(m[key], str):
+            raise ValueError(f"{key} is not a string")
+    if "task_aware" in m and not isinstance(m["task_aware"], dict):
+        raise ValueError("task_aware is not an object")
+    return m
 
 
 def _record_from_dir(run_dir: Path) -> RunRecord:
     metrics = None
     if (run_dir / "metrics.json").is_file():
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = check_metrics(_read_json(run_dir / "metrics.json"))
     cfg: dict[str, Any] = {}
     if (run_dir / "config.yaml").is_file():
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        cfg = _read_yaml(run_dir / "config.yaml") or {}
+        if not isinstance(cfg, dict):
+            raise ValueError("config.yaml is not a mapping")
     experiment = (metrics or {}).get("experiment") or cfg.get("experiment") or run_dir.parent.parent.name
     name = (metrics or {}).get("run") or cfg.get("run_name") or (cfg.get("strategy") or {}).get("name") or run_dir.parent.name
     seed = (metrics or {}).get("seed", cfg.get("seed"))
-    return RunRecord(run_dir, experiment, name, seed, metrics, "finished" if metrics else "unfinished")
+    if not all(isinstance(v, str) for v in (experiment, name)) or not (seed is None or isinstance(seed, int)):
+        raise ValueError("experiment, run name or seed of the wrong type")
+    return RunRecord(run_dir, experiment, name, seed, metrics, "finished" if metrics else "unfinished", config=_run_config(run_dir))
+
+
+def _unreadable(path: Path, err: Exception) -> None:
+    warnings.warn(f"skipping {path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''})", stacklevel=3)
 
 
 def discover_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
     """Run directories (holding config.yaml or metrics.json) below ``paths``, plus failures listed
-    in sweep ``outcomes.json`` files."""
+    in sweep ``outcomes.json`` files. Each directory counts once however often it is reached;
+    unreadable ones are skipped with one warning line each."""
     found: dict[Path, RunRecord] = {}
     failures: list[dict[str, Any]] = []
     for root in map(Path, paths):
@@ -81,17 +152,35 @@ def discover_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
         candidates += [p.parent for p in root.rglob("config.yaml") if "ckpt" not in p.parts]
         candidates += [p.parent for p in root.rglob("metrics.json")]
         for run_dir in candidates:
-            found.setdefault(run_dir.resolve(), _record_from_dir(run_dir))
+            key = run_dir.resolve()
+            if key in found:
+                continue
+            try:
+                found[key] = _record_from_dir(run_dir)
+            except Exception as err:  # noqa: BLE001 - one bad directory must not hide the others
+                found[key] = None  # type: ignore[assignment]
+                _unreadable(run_dir, err)
         for outcomes in root.rglob("outcomes.json"):
-            failures += [o for o in json.loads(outcomes.read_text()) if not o.get("ok")]
+            try:
+                listed = _read_json(outcomes)
+                if not isinstance(listed, list) or not all(isinstance(o, dict) and isinstance(o.get("run_dir"), str) for o in listed):
+                    raise ValueError("not a list of run outcomes")
+            except Exception as err:  # noqa: BLE001
+                _unreadable(outcomes, err)
+                continue
+            failures += [o for o in listed if not o.get("ok")]
+    records = {k: v for k, v in found.items() if v is not None}
     for f in failures:
         path = Path(f["run_dir"]).resolve()
-        rec = found.get(path)
+        if path in found and found[path] is None:
+            continue
+        rec = records.get(path)
         if rec is None:  # failed before its directory was created
-            rec = found[path] = RunRecord(path, f.get("experiment") or path.parent.parent.name, f.get("run") or path.parent.name, f.get("seed"), status="unfinished")
+            seed = f.get("seed") if isinstance(f.get("seed"), int) else None
+            rec = records[path] = RunRecord(path, str(f.get("experiment") or path.parent.parent.name), str(f.get("run") or path.parent.name), seed, status="unfinished")
         if rec.status != "finished":
-            rec.status, rec.error = "failed", f.get("error")
-    return sorted(found.values(), key=lambda r: (r.experiment, r.name, r.seed if r.seed is not None else -1))
+            rec.status, rec.error = "failed", str(f.get("error"))
+    return sorted(records.values(), key=lambda r: (r.experiment, r.name, r.seed if r.seed is not None else -1, str(r.path)))
 
 
 def scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -165,11 +254,60 @@ def aggregate(records: Sequence[RunRecord]) -> dict[str, Stats]:
     return out
 
 
+def _config_key(rec: RunRecord) -> str | None:
+    if rec.config is None:
+        return None
+    return hashlib.sha256(json.dumps(rec.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict) or (prefix and not data):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _labels(configs: dict[str | None, dict[str, Any] | None], name: str) -> dict[str | None, str]:
+    """A row label per config of one run name: the name plus the keys in which the configs differ."""
+    if len(configs) < 2:
+        return {key: name for key in configs}
+    flats = {key: _flat(cfg or {}) for key, cfg in configs.items()}
+    keys = sorted({k for f in flats.values() for k in f if len({json.dumps(g.get(k), default=str) for g in flats.values()}) > 1})
+    labels = {}
+    for key, flat in flats.items():
+        shown = ", ".join(f"{k.removeprefix('strategy.')}={json.dumps(flat.get(k), default=str) if not isinstance(flat.get(k), str) else flat.get(k)}" for k in keys[:3])
+        more = f", +{len(keys) - 3} keys" if len(keys) > 3 else ""
+        labels[key] = f"{name} [{shown}{more}]" if configs[key] is not None else f"{name} [config unknown]"
+    return labels
+
+
 def group_runs(records: Sequence[RunRecord]) -> dict[str, dict[str, list[RunRecord]]]:
-    """experiment -> run name -> records (all statuses), in discovery order."""
-    groups: dict[str, dict[str, list[RunRecord]]] = {}
+    """experiment -> row label -> records (all statuses), in discovery order.
+
+    Runs are pooled only when their resolved configs agree (seed and placement aside): two configs
+    that share a run name become two rows, labelled by the keys in which they differ. A seed that
+    occurs twice in one row (the same run copied into two places) counts once, with a warning.
+    """
+    by_name: dict[tuple[str, str], dict[str | None, list[RunRecord]]] = {}
+    configs: dict[tuple[str, str], dict[str | None, dict[str, Any] | None]] = {}
     for rec in records:
-        groups.setdefault(rec.experiment, {}).setdefault(rec.name, []).append(rec)
+        key = _config_key(rec)
+        by_name.setdefault((rec.experiment, rec.name), {}).setdefault(key, []).append(rec)
+        configs.setdefault((rec.experiment, rec.name), {})[key] = rec.config
+    groups: dict[str, dict[str, list[RunRecord]]] = {}
+    for (experiment, name), per_config in by_name.items():
+        labels = _labels(configs[(experiment, name)], name)
+        for key, recs in per_config.items():
+            kept: dict[Any, RunRecord] = {}
+            for rec in recs:
+                slot = rec.seed if rec.seed is not None and rec.status == "finished" else id(rec)
+                if slot in kept:
+                    warnings.warn(f"{labels[key]} seed {rec.seed}: {rec.path} duplicates {kept[slot].path}; counted once", stacklevel=2)
+                    continue
+                kept[slot] = rec
+            groups.setdefault(experiment, {})[labels[key]] = list(kept.values())
     return groups
 
 

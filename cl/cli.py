@@ -11,10 +11,13 @@ import fnmatch
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from cl.errors import UserError
+from cl.errors import TrainingDiverged, UserError
 from cl.registry import UnknownNameError
+
+if TYPE_CHECKING:
+    from cl.config import RunConfig
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -30,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run one experiment config")
     p.add_argument("config")
     _common(p)
-    p.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config (or report a finished one)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in the run directory (only one this framework created)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N experiences (resumable)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and what would happen to its run directory")
 
     p = sub.add_parser("sweep", help="run a suite (benchmarks x strategies x seeds) and compare")
     p.add_argument("suite")
@@ -41,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (local processes or Ray tasks sharing the cores)")
     p.add_argument("--executor", choices=["local", "ray"], default="local")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster ('auto', 'ray://host:10001'); default: a local instance")
+    p.add_argument("--dry-run", action="store_true", help="list every run directory and whether it would be run, resumed or reused")
 
     p = sub.add_parser("compare", help="compare finished runs: tables over seeds, plots, HTML report")
     p.add_argument("paths", nargs="+", help="run directories, or directories containing them")
@@ -63,12 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_cli_config(path: str, overrides: list[str], out: str | None) -> RunConfig:
+    """A run config as ``cl run`` sees it: YAML, then ``--set`` (which names the run), then ``--out``."""
+    from cl.config import apply_overrides, load_yaml, parse_run_config
+    from cl.engine.rundir import name_run
+
+    data = load_yaml(path)
+    if "suite" in data:
+        raise UserError(f"{path} is a suite, not a run config: run it with `cl sweep {path}`")
+    data = name_run(apply_overrides(data, overrides), overrides, data)
+    if out is not None:
+        data["out_dir"] = out
+    return parse_run_config(data)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from cl.config import load_run_config
     from cl.engine.loop import run
 
-    overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
-    cfg = load_run_config(args.config, overrides)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UserError(f"--stop-after must be >= 1, got {args.stop_after}")
+    cfg = load_cli_config(args.config, args.overrides, args.out)
+    if args.dry_run:
+        return _dry_run(cfg, args)
     metrics = run(cfg, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after)
     if metrics is None:
         print(f"stopped after {args.stop_after} experience(s); continue with --resume: {cfg.run_dir()}")
@@ -82,11 +103,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dry_run(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from cl.config import config_to_dict, yaml_text
+    from cl.engine.loop import _refuse_early
+    from cl.engine.rundir import planned_state
+
+    print(yaml_text(config_to_dict(cfg)).rstrip())
+    _refuse_early(cfg, resume=args.resume, overwrite=args.overwrite)  # the same refusals as the real run
+    state, _ = planned_state(cfg)
+    action = {"new": "run", "finished": "report the finished run", "unfinished": "resume" if args.resume else "refuse (unfinished; --resume or --overwrite)"}[state]
+    print(f"# run directory: {cfg.run_dir()} -> {'run (overwrite)' if args.overwrite else action}")
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from cl.engine.sweep import run_suite
+    from cl.engine.sweep import check_plan, plan_states, plan_suite, run_suite
 
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.dry_run:
+        _, planned = plan_suite(args.suite, args.overrides, args.out)
+        for run, (state, diff) in zip(planned, plan_states(planned, args.overwrite)):
+            print(f"{state:<16} {run.cfg.run_dir()}" + (f"  ({diff})" if diff else ""))
+        check_plan(planned, args.overwrite)
+        return 0
     text, outcomes = run_suite(args.suite, args.overrides, args.out, overwrite=args.overwrite,
                                jobs=args.jobs, executor=args.executor, ray_address=args.ray_address)
     print(text)
@@ -107,13 +147,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from cl.config import load_run_config
     from cl.data.benchmark import build_benchmark
     from cl.engine.loop import build_backbone
     from cl.utils import resolve_device
 
-    overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
-    cfg = load_run_config(args.config, overrides)
+    cfg = load_cli_config(args.config, args.overrides, args.out)
     if cfg.backbone.weights.source != "pretrain":
         raise UserError(f"backbone.weights.source is '{cfg.backbone.weights.source}'; nothing to pretrain")
     device = resolve_device(cfg.device)
@@ -155,24 +193,29 @@ COMMANDS = {
 }
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message="no QP solver found")
+    warnings.formatwarning = _one_line_warning
     try:
         return COMMANDS[args.command](args)
     except (UserError, UnknownNameError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, a read-only or missing directory: the environment, not a bug
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or type(err).__name__}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as err:
-        from cl.engine.loop import TrainingDiverged
-
-        if isinstance(err, TrainingDiverged):
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        raise
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import copy
 import hashlib
 import json
 import os
+import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -25,6 +27,30 @@ from cl.errors import ConfigError
 from cl.registry import BENCHMARKS, STRATEGIES, Registry, UnknownNameError
 
 __all__ = ["ConfigError", "RunConfig", "load_run_config", "parse_run_config"]
+
+# Seeds are bounded so every derived seed (``seed * 1_000_003 + c`` and the like) stays inside the
+# 64-bit range that torch and numpy generators accept.
+MAX_SEED = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="random seed (0 .. 2**32 - 1)")]
+
+# A path-valued key: '~' is expanded, and a relative path in a YAML file is taken relative to that
+# file (like ``base:``); on the command line, relative to the working directory.
+PATH_KEY = "path_key"
+
+
+def PathField(default: Any = ..., **kwargs: Any) -> Any:  # noqa: N802 - a Field factory
+    """A ``Field`` whose value is a filesystem path (see :data:`PATH_KEY`)."""
+    extra = {**kwargs.pop("json_schema_extra", {}), PATH_KEY: True}
+    return Field(default, json_schema_extra=extra, **kwargs)
+
+
+def is_path_field(field: Any) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get(PATH_KEY))
+
+
+# One directory level of a run directory: no separators, no '.'/'..', nothing hidden.
+SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.,=+\-]{0,119}"
 
 
 class Model(BaseModel):
@@ -79,10 +105,10 @@ class BenchmarkConfig(Model):
         None, ge=1, description="classes in the first experience (e.g. 4 for 'B4 Inc2'); null = equal split"
     )
     class_order: list[int] | None = Field(None, description="explicit class order (a permutation)")
-    class_order_seed: int | None = Field(None, description="seed for a random class order; null = run seed")
+    class_order_seed: Seed | None = Field(None, description="seed for a random class order; null = run seed")
     train_per_class: int | None = Field(None, ge=1, description="keep at most this many train samples per class")
     test_per_class: int | None = Field(None, ge=1, description="keep at most this many test samples per class")
-    subsample_seed: int = Field(0, description="seed of the per-class subsampling")
+    subsample_seed: Seed = Field(0, description="seed of the per-class subsampling")
     image_size: int | None = Field(None, ge=1, description="resize inputs to this size (null = native)")
     channels: Literal[1, 3] | None = Field(None, description="convert inputs to this many channels")
     online: OnlineConfig = Field(default_factory=OnlineConfig)
@@ -100,7 +126,7 @@ class PretrainConfig(Model):
     weight_decay: float = Field(5e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: bool = Field(True, description="random crop (pad 2) and horizontal flip")
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _source(self) -> PretrainConfig:
@@ -113,7 +139,7 @@ class PretrainConfig(Model):
 
 class WeightsConfig(Model):
     source: Literal["none", "hub", "file", "pretrain"] = "none"
-    path: str | None = Field(None, description="local .safetensors/.pth/.pt file when source is 'file'")
+    path: str | None = PathField(None, description="local .safetensors/.pth/.pt file when source is 'file'")
     sha256: str | None = Field(None, description="expected sha256 of the file; checked when given")
     pretrain: PretrainConfig | None = None
 
@@ -123,10 +149,14 @@ class WeightsConfig(Model):
             raise ValueError("'path' is required when source is 'file'")
         if self.source != "file" and self.path:
             raise ValueError(f"'path' is only used when source is 'file' (source is '{self.source}')")
+        if self.source != "file" and self.sha256:
+            raise ValueError(f"'sha256' is only checked when source is 'file' (source is '{self.source}')")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
+            raise ValueError("'sha256' must be 64 hexadecimal digits")
         if self.source == "pretrain" and self.pretrain is None:
             self.pretrain = PretrainConfig()
         if self.source != "pretrain" and self.pretrain is not None:
-            raise ValueError(f"'pretrain' is only used when source is 'pretrain' (source is '{self.source}')")
+            raise ValueError(f"'pretrain' is only used when source is 'pretrain' (source is '{self.source}'); set pretrain: null")
         return self
 
 
@@ -186,14 +216,17 @@ class ShiftConfig(Model):
     per_class: int = Field(20, ge=1, description="test samples per class in each task's probe set")
     layers: list[int] | None = Field(None, description="forward_intermediates block indices (null = all)")
     bn_stats: bool = Field(True, description="also record BatchNorm running vs true input means")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class RunConfig(Model):
-    experiment: str = Field("default", pattern=r"^[A-Za-z0-9_.\-/]+$")
-    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$", description="default: strategy name")
-    seed: int = 0
-    out_dir: str = "runs"
+    experiment: str = Field(
+        "default", pattern=rf"^{SEGMENT}(/{SEGMENT}){{0,3}}$",
+        description="experiment folder below out_dir ('/'-separated names; no '.', '..' or hidden names)",
+    )
+    run_name: str | None = Field(None, pattern=rf"^{SEGMENT}$", description="run folder name; default: strategy name")
+    seed: Seed = 0
+    out_dir: str = Field("runs", min_length=1, description="root of all run directories ('~' expanded; relative to the working directory)")
     data_root: str | None = Field(None, description="default: $CL_DATA, else ~/.cache/cl/data")
     cache_dir: str | None = Field(None, description="default: $CL_CACHE, else ~/.cache/cl")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -209,14 +242,26 @@ class RunConfig(Model):
     def name(self) -> str:
         return self.run_name or self.strategy.name
 
+    @field_validator("out_dir", "data_root", "cache_dir")
+    @classmethod
+    def _expand_user(cls, value: str | None) -> str | None:
+        return None if value is None else os.path.expanduser(value)
+
+    @field_validator("run_name")
+    @classmethod
+    def _not_reserved(cls, value: str | None) -> str | None:
+        if value is not None and re.fullmatch(r"seed\d+", value):
+            raise ValueError(f"'{value}' looks like a seed folder; choose another run name")
+        return value
+
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.experiment / self.name / f"seed{self.seed}"
 
     def resolved_data_root(self) -> Path:
-        return Path(self.data_root or os.environ.get("CL_DATA") or Path.home() / ".cache" / "cl" / "data")
+        return Path(os.path.expanduser(self.data_root or os.environ.get("CL_DATA") or Path.home() / ".cache" / "cl" / "data"))
 
     def resolved_cache_dir(self) -> Path:
-        return Path(self.cache_dir or os.environ.get("CL_CACHE") or Path.home() / ".cache" / "cl")
+        return Path(os.path.expanduser(self.cache_dir or os.environ.get("CL_CACHE") or Path.home() / ".cache" / "cl"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,8 +269,108 @@ class RunConfig(Model):
 # --------------------------------------------------------------------------------------------
 
 
+# Bounds that keep hostile YAML (alias "billion laughs", 20k-deep nesting) a one-line error instead
+# of a hang or a RecursionError in later copying, hashing and error formatting.
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000
+
+# YAML 1.2 floats: PyYAML follows YAML 1.1, where ``1e-3`` (no dot) is a string. Researchers write
+# learning rates that way, so it is read as the float it means.
+_FLOAT_12 = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+              |[0-9][0-9_]*[eE][-+]?[0-9]+
+              |\.[0-9_]+(?:[eE][-+]?[0-9]+)?)
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+    """SafeLoader with string keys only, no duplicate keys, YAML 1.2 floats and bounded size.
+
+    ``1e-3`` is a float; duplicate, boolean-looking and non-string keys are errors; nesting is
+    limited to :data:`MAX_YAML_DEPTH` levels and the document, with every alias expanded, to
+    :data:`MAX_YAML_NODES` nodes.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"{mark.name}:{mark.line + 1}: YAML nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded_size(node)
+        return node
+
+
+# Replace PyYAML 1.1's float rule by the 1.2 one (only on our loader: add_implicit_resolver copies the
+# table on first use in a subclass).
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+class _StrictDumper(yaml.SafeDumper):
+    """Dumps with the loader's resolvers, so a string such as '1e-3' is quoted and reads back as a string."""
+
+
+_StrictDumper.yaml_implicit_resolvers = {k: list(v) for k, v in _StrictLoader.yaml_implicit_resolvers.items()}
+
+
+def yaml_text(data: Any) -> str:
+    """YAML that :func:`parse_yaml_text` reads back to exactly ``data`` (key order kept)."""
+    return yaml.dump(data, Dumper=_StrictDumper, sort_keys=False, allow_unicode=True)
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the nodes of the document with every alias expanded (iteratively, memoised per node).
+
+    Raises ConfigError for a recursive alias or a document that expands beyond the bounds.
+    """
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    mark = root.start_mark
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if done:
+            on_path.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+            if size[key] > MAX_YAML_NODES:
+                raise ConfigError(f"{mark.name}: YAML document expands to more than {MAX_YAML_NODES} values (aliases included)")
+            if depth[key] > MAX_YAML_DEPTH:
+                raise ConfigError(f"{mark.name}: YAML nested deeper than {MAX_YAML_DEPTH} levels (aliases included)")
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            where = node.start_mark
+            raise ConfigError(f"{where.name}:{where.line + 1}: recursive YAML alias")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -233,10 +378,14 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
             continue
-        key = loader.construct_object(key_node, deep=deep)
         mark = key_node.start_mark
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise ConfigError(f"{mark.name}:{mark.line + 1}: a key must be a plain name, not a {key_node.id}")
+        key = loader.construct_object(key_node, deep=deep)
         if isinstance(key, bool):  # YAML 1.1 reads on/off/yes/no keys as booleans
             raise ConfigError(f"{mark.name}:{mark.line + 1}: key '{key_node.value}' is read as a boolean by YAML; quote it")
+        if not isinstance(key, str):
+            raise ConfigError(f"{mark.name}:{mark.line + 1}: key {key_node.value!r} must be a string; quote it")
         if key in seen:
             raise ConfigError(f"{mark.name}:{mark.line + 1}: duplicate key '{key}'")
         seen.add(key)
@@ -246,21 +395,31 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def parse_yaml_text(text: str, where: str) -> Any:
+    """Parse YAML text with the strict loader; errors are ConfigError naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{at}: YAML syntax error: {problem}") from None
+    except RecursionError:  # pragma: no cover - bounded by MAX_YAML_DEPTH; kept as a last resort
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Parse one YAML file (no inheritance) into a dict, with errors as ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.load(fh, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    data = parse_yaml_text(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -271,29 +430,81 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Recursive merge: mappings merge key by key, everything else (lists included) is replaced.
 
-    A mapping that names a different registered entry (its ``name`` changes, e.g. a strategy) is
-    replaced whole: the old entry's options would be unknown keys for the new one.
+    Changing a section's ``name`` (a strategy, a dataset, a backbone architecture) keeps its other
+    keys: nothing is reset behind the user's back. Keys that the newly named entry does not accept
+    are then rejected by validation, with one line naming them.
     """
     out = copy.deepcopy(base)
     for key, value in override.items():
-        renamed = isinstance(value, dict) and "name" in value and isinstance(out.get(key), dict) and out[key].get("name") != value["name"]
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and not renamed:
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
 
 
-def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _absolute(value: str, base_dir: Path) -> str:
+    expanded = os.path.expanduser(value)
+    return expanded if not expanded or os.path.isabs(expanded) else os.path.abspath(os.path.join(base_dir, expanded))
+
+
+def _section_models(field: Any, value: Any) -> list[type[BaseModel]]:
+    """Config classes a raw section may be validated by (every registered one if its name is not given)."""
+    poly = next((m for m in field.metadata if isinstance(m, Polymorphic)), None)
+    if poly is None:
+        target = _model_type(field.annotation)
+        return [target] if target is not None else []
+    name = value.get("name") if isinstance(value, dict) else None
+    names = [name] if isinstance(name, str) and name in poly.registry else poly.registry.names()
+    models = []
+    for n in names:
+        entry = poly.registry.entry(n)
+        model = entry.config or entry.builder
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            models.append(model)
+    return models
+
+
+def resolve_paths(raw: Any, base_dir: Path, model: type[BaseModel] | None = None) -> Any:
+    """Copy of a raw run-config dict with path-valued keys ('~' expanded) made absolute against ``base_dir``.
+
+    Path keys are the fields declared with :func:`PathField` (``backbone.weights.path``, a dataset's
+    ``root``, ...), found by walking the dict along the config classes.
+    """
+    model = model or RunConfig
+    if not isinstance(raw, dict):
+        return raw
+    out = dict(raw)
+    for key, value in raw.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            continue
+        if is_path_field(field):
+            if isinstance(value, str):
+                out[key] = _absolute(value, base_dir)
+            continue
+        for sub in _section_models(field, value):
+            out[key] = resolve_paths(out[key], base_dir, sub)
+    return out
+
+
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = (), *, run_config: bool = True) -> dict[str, Any]:
     """Load a YAML file, resolving ``base:`` (a path relative to the file, or a list of them).
 
     Top-level keys starting with ``x-`` are dropped: they only hold YAML anchors (``x-opt: &opt ...``).
+    Relative paths under path keys (see :func:`resolve_paths`) are made absolute against the
+    directory of the file that wrote them, like ``base:`` itself; pass ``run_config=False`` for
+    files that are not run configs (suites).
     """
-    path = Path(path).resolve()
+    path = Path(path).expanduser().resolve()
     if path in _chain:
         cycle = " -> ".join(p.name for p in (*_chain, path))
         raise ConfigError(f"'base' inheritance cycle: {cycle}")
-    data = {k: v for k, v in read_yaml(path).items() if not (isinstance(k, str) and k.startswith("x-"))}
+    if len(_chain) > 32:
+        raise ConfigError(f"{path}: 'base' chain longer than 32 files")
+    data = {k: v for k, v in read_yaml(path).items() if not k.startswith("x-")}
+    if run_config:
+        data = resolve_paths(data, path.parent)
     bases = data.pop("base", None)
     if bases is None:
         return data
@@ -303,36 +514,53 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
         raise ConfigError(f"{path}: 'base' must be a path or a list of paths")
     merged: dict[str, Any] = {}
     for base in bases:
-        merged = deep_merge(merged, load_yaml(path.parent / base, (*_chain, path)))
+        merged = deep_merge(merged, load_yaml(path.parent / os.path.expanduser(base), (*_chain, path), run_config=run_config))
     return deep_merge(merged, data)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML)."""
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML, as in a config file)."""
     key, sep, raw = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
+    keys = key.strip().split(".")
+    if not sep or not key.strip() or any(not part for part in keys):
         raise ConfigError(f"--set expects key.path=value, got '{text}'")
+    if not raw.strip():
+        return keys, None
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+        value = parse_yaml_text(raw, f"--set {key}")
+    except ConfigError:
+        value = raw  # not YAML: the literal text (a string value)
+    return keys, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def nest(keys: list[str], value: Any) -> dict[str, Any]:
+    """["a", "b"], v -> {"a": {"b": v}}."""
+    out: Any = value
+    for key in reversed(keys):
+        out = {key: out}
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], base_dir: Path | None = None) -> dict[str, Any]:
+    """Apply ``--set key.path=value`` overrides in order; path keys are relative to ``base_dir`` (default: cwd)."""
     out = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
+        value = _dig(resolve_paths(nest(keys, value), base_dir or Path.cwd()), keys)
         node = out
         for i, key in enumerate(keys[:-1]):
             nxt = node.setdefault(key, {})
             if not isinstance(nxt, dict):
                 raise ConfigError(f"--set {text}: '{'.'.join(keys[: i + 1])}' is not a mapping")
             node = nxt
-        if keys[-1] == "name" and node.get("name") not in (None, value):
-            node.clear()  # switching to another entry: the old entry's options do not apply
         node[keys[-1]] = value
     return out
+
+
+def _dig(data: Any, keys: list[str]) -> Any:
+    for key in keys:
+        data = data[key]
+    return data
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,23 +630,44 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
     return current
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 4, 30, 30
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
-    """One line naming the offending key, what is allowed, and what was given."""
+def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "", data: Any = None) -> str:
+    """One line naming the offending key, what is allowed, and what was given.
+
+    Unknown keys of one section are named together; when the section is a named entry (a strategy,
+    a dataset, a PEFT method), the line says which entry rejects them, since a key that was valid for
+    the entry it replaced (``--set strategy.name=...``) is kept and must be removed or changed.
+    """
     errors = err.errors()
     first = errors[0]
     loc = tuple(first["loc"])
-    key = ".".join(str(p) for p in (*([prefix] if prefix else []), *loc))
-    more = f" (and {len(errors) - 1} more error{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
+
+    def dotted(parts: tuple[Any, ...]) -> str:
+        return ".".join(str(p) for p in (*([prefix] if prefix else []), *parts))
+
+    key = dotted(loc)
     kind = first["type"]
     if kind == "extra_forbidden":
+        same = [tuple(e["loc"]) for e in errors if e["type"] == "extra_forbidden" and tuple(e["loc"])[:-1] == loc[:-1]]
+        rest = len(errors) - len(same)
+        more = f" (and {rest} more error{'s' * (rest > 1)})" if rest else ""
         parent = _model_at(model, loc[:-1])
         allowed = ", ".join(sorted(parent.model_fields)) if parent else "?"
-        return f"unknown key '{key}' (allowed: {allowed}){more}"
+        section = data
+        for part in loc[:-1]:
+            section = section.get(part) if isinstance(section, dict) else (section[part] if isinstance(section, list) and isinstance(part, int) and part < len(section) else None)
+        owner = f" for {dotted(loc[:-1]) or 'config'} '{section['name']}'" if isinstance(section, dict) and isinstance(section.get("name"), str) else ""
+        names = ", ".join(f"'{dotted(l)}'" for l in same)
+        return f"unknown key{'s' * (len(same) > 1)} {names}{owner} (allowed: {allowed}){more}"
+    more = f" (and {len(errors) - 1} more error{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
     if kind == "missing":
         return f"missing required key '{key}'{more}"
     msg = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
@@ -433,7 +682,7 @@ def parse_run_config(data: dict[str, Any]) -> RunConfig:
     try:
         cfg = model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, model)) from None
+        raise ConfigError(format_validation_error(err, model, data=data)) from None
     check_semantics(cfg)
     return cfg  # type: ignore[return-value]
 
@@ -489,8 +738,18 @@ def check_benchmark(bench: BenchmarkConfig, prefix: str = "benchmark") -> list[i
     return sizes
 
 
+def check_run_dir(cfg: RunConfig) -> Path:
+    """The run directory, checked to lie inside ``out_dir`` once symlinks are followed."""
+    run_dir = cfg.run_dir()
+    root = Path(cfg.out_dir).resolve()
+    if not run_dir.resolve().is_relative_to(root):
+        raise ConfigError(f"run directory {run_dir} resolves to {run_dir.resolve()}, outside out_dir {root} (a symlink?)")
+    return run_dir
+
+
 def check_semantics(cfg: RunConfig) -> None:
     """Cross-section checks that pydantic field validators cannot see."""
+    check_run_dir(cfg)
     check_benchmark(cfg.benchmark)
     if cfg.benchmark.scenario == "online" and cfg.train.epochs != 1:
         raise ConfigError(f"train.epochs: must be 1 in the online scenario (single pass), got {cfg.train.epochs}")
@@ -520,5 +779,4 @@ def config_hash(payload: Any) -> str:
 
 
 def dump_yaml(cfg: BaseModel, path: str | Path) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+    Path(path).write_text(yaml_text(config_to_dict(cfg)), encoding="utf-8")

@@ -19,3 +19,8 @@ class WeightsError(UserError):
 
 class RunDirError(UserError):
     """The run directory is finished, unfinished or otherwise not usable as asked."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or the weights became NaN or infinite. Runs keep their last good checkpoint; a diverged
+    pretraining is never cached. The CLI reports it in one line with exit code 1."""

@@ -74,7 +74,7 @@ def tensor_sha256(*tensors: Tensor) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
     return h.hexdigest()
 
 
@@ -86,6 +86,26 @@ def state_dict_sha256(module_or_state: nn.Module | dict[str, Tensor]) -> str:
         h.update(name.encode())
         h.update(tensor_sha256(state[name]).encode())
     return h.hexdigest()
+
+
+def load_error_summary(err: BaseException) -> str:
+    """One short clause for a failed ``torch.load(weights_only=True)`` or safetensors read.
+
+    PyTorch's refusal of a pickle that would run code spans a screen and advises ``weights_only=False``;
+    we never take that advice, so only the offending global is kept.
+    """
+    import re
+
+    text = str(err)
+    if "Weights only load failed" in text:
+        match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f" ({match.group(1)})" if match else ""
+        return f"refused: loading it would run code{what}"
+    if "failed finding central directory" in text or "PytorchStreamReader" in text:
+        return "truncated or not a PyTorch file"
+    first = (text.strip().splitlines() or [type(err).__name__])[0]
+    first = re.sub(r"\x1b\[[0-9;]*m", "", first)
+    return first if len(first) <= 120 else first[:117] + "..."
 
 
 def seed_everything(seed: int) -> None:

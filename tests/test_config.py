@@ -34,14 +34,38 @@ def test_set_overrides_parse_yaml_values():
     with pytest.raises(ConfigError, match="key.path=value"):
         apply_overrides({}, ["nonsense"])
     switched = apply_overrides({"strategy": {"name": "er", "memory_size": 5}}, ["strategy.name=finetune", "strategy.lr=0.5"])
-    assert switched == {"strategy": {"name": "finetune", "lr": 0.5}}
+    assert switched == {"strategy": {"name": "finetune", "memory_size": 5, "lr": 0.5}}  # kept; validation rejects it
 
 
-def test_deep_merge_replaces_a_section_whose_name_changes():
+def test_deep_merge_never_resets_a_section_whose_name_changes():
     base = {"strategy": {"name": "er", "memory_size": 5, "lr": 0.1}}
-    assert deep_merge(base, {"strategy": {"name": "finetune"}}) == {"strategy": {"name": "finetune"}}
+    assert deep_merge(base, {"strategy": {"name": "finetune"}}) == {"strategy": {"name": "finetune", "memory_size": 5, "lr": 0.1}}
     assert deep_merge(base, {"strategy": {"name": "er", "lr": 0.2}}) == {"strategy": {"name": "er", "memory_size": 5, "lr": 0.2}}
     assert deep_merge(base, {"strategy": {"lr": 0.2}})["strategy"]["memory_size"] == 5
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_set_backbone_name_keeps_weights_freeze_and_kwargs_in_any_order(tmp: Path, order: int):
+    config = tiny_config(tmp, backbone={"name": "test_resnet", "freeze": "bn_only", "kwargs": {"drop_rate": 0.1},
+                                        "weights": {"source": "pretrain", "pretrain": {"epochs": 1}}})
+    sets = ["backbone.name=resnet10t", "backbone.freeze=last_k", "backbone.trainable_blocks=1"]
+    sets = sets if order == 0 else sets[1:] + sets[:1]
+    cfg = parse_run_config(apply_overrides(config, sets))
+    assert cfg.backbone.name == "resnet10t" and cfg.backbone.weights.source == "pretrain"
+    assert cfg.backbone.weights.pretrain.epochs == 1 and cfg.backbone.kwargs == {"drop_rate": 0.1}
+    assert cfg.backbone.freeze == "last_k"
+
+
+def test_switching_strategy_keeps_valid_keys_and_names_the_rest(tmp: Path):
+    config = tiny_config(tmp, strategy={"name": "er", "memory_size": 24, "lr": 0.05})
+    with pytest.raises(ConfigError, match=r"^unknown key 'strategy.memory_size' for strategy 'finetune' \(allowed: lr, "):
+        parse_run_config(apply_overrides(config, ["strategy.name=finetune"]))
+    lr_only = tiny_config(tmp, strategy={"name": "er", "lr": 0.05})
+    cfg = parse_run_config(apply_overrides(lr_only, ["strategy.name=finetune"]))
+    assert cfg.strategy.name == "finetune" and cfg.strategy.lr == 0.05  # lr is a finetune option: kept
+    sim = apply_overrides(config, ["strategy.name=simplecil"])
+    with pytest.raises(ConfigError, match=r"unknown keys 'strategy.memory_size', 'strategy.lr' for strategy 'simplecil'"):
+        parse_run_config(sim)
 
 
 def test_deep_merge_replaces_lists_and_does_not_mutate():
@@ -63,7 +87,7 @@ def test_valid_config_resolves_strategy_and_dataset_classes(tmp: Path):
     [
         ({"trian": {}}, "unknown key 'trian' (allowed: backbone, benchmark, cache_dir"),
         ({"train": {"epoch": 2}}, "unknown key 'train.epoch' (allowed: batch_size, checkpoint, epochs"),
-        ({"strategy": {"name": "er", "memory": 5}}, "unknown key 'strategy.memory' (allowed: lr, memory_policy, memory_size"),
+        ({"strategy": {"name": "er", "memory": 5}}, "unknown key 'strategy.memory' for strategy 'er' (allowed: lr, memory_policy, memory_size"),
         ({"strategy": {"name": "nope"}}, "strategy.name: unknown strategy 'nope' (available: aper, avalanche, confit, er,"),
         ({"benchmark": {"dataset": {"name": "mnist"}}}, "unknown benchmark 'mnist' (available: cifar10, cifar100, cub200, digits, fashion_mnist"),
         ({"train": {"epochs": "3"}}, "'train.epochs': Input should be a valid integer (got '3')"),

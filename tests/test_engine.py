@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from cl.cli import main
+from cl.errors import RunDirError
 from cl.config import parse_run_config
 from cl.engine.loop import prepare, run
 from tests.conftest import tiny_config, write_yaml
@@ -51,7 +52,7 @@ def test_finished_run_is_not_overwritten(tmp: Path, shared_cache: Path, capsys):
     stamp = metrics.stat().st_mtime_ns
     capsys.readouterr()
     assert main(["run", str(path)]) == 2
-    assert "holds a finished run; pass --overwrite" in capsys.readouterr().err
+    assert "holds a finished run of this config; --resume reports it, --overwrite replaces it" in capsys.readouterr().err
     assert metrics.stat().st_mtime_ns == stamp
     assert main(["run", str(path), "--overwrite"]) == 0
 
@@ -76,7 +77,7 @@ def test_resume_with_a_changed_config_is_refused(tmp: Path, shared_cache: Path):
     base = tiny_config(tmp, cache_dir=str(shared_cache))
     run(parse_run_config(base), stop_after=1)
     changed = parse_run_config({**base, "train": {**base["train"], "epochs": 3}})
-    with pytest.raises(Exception, match="config differs"):
+    with pytest.raises(RunDirError, match=r"holds an unfinished run of another config \(train.epochs: 2 -> 3\); pass --overwrite"):
         run(changed, resume=True)
 
 

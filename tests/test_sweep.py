@@ -16,7 +16,9 @@ STRATS = [{"name": "ft", "overrides": {"strategy": {"name": "finetune"}}}, {"nam
 
 
 def suite_files(tmp: Path, cache: Path, strategies: list[dict], **extra) -> Path:
-    write_yaml(tmp / "base.yaml", tiny_config(tmp, cache_dir=str(cache)))
+    # the base names a strategy without options: entries switch it, and an option the new strategy
+    # does not take would be an error (switching keeps the other keys)
+    write_yaml(tmp / "base.yaml", tiny_config(tmp, cache_dir=str(cache), strategy={"name": "finetune"}))
     return write_yaml(tmp / "suite.yaml", {"suite": "s", "config": "base.yaml", "seeds": [0, 1], "strategies": strategies, **extra})
 
 
@@ -55,7 +57,7 @@ def test_sweep_compares_and_skips_finished_runs(tmp: Path, shared_cache: Path, c
 
 def test_one_failing_run_does_not_lose_the_others(tmp: Path, shared_cache: Path, capsys):
     # a backbone too small for its input fails at run time (only the run, not the plan)
-    bad = {"name": "broken", "overrides": {"strategy": {"name": "finetune"}, "backbone": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}, "weights": {"source": "none"}}}}
+    bad = {"name": "broken", "overrides": {"strategy": {"name": "finetune"}, "backbone": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}, "weights": {"source": "none", "pretrain": None}}}}
     path = suite_files(tmp, shared_cache, [STRATS[1], bad])
     assert main(["sweep", str(path)]) == 1
     out = capsys.readouterr().out

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from cl.config import DatasetConfig
+from cl.config import DatasetConfig, PathField, Seed
 from cl.errors import DataError
 from cl.registry import BENCHMARKS
 
@@ -142,7 +142,7 @@ def load_idx_dir(directory: Path, classes: list[str]) -> SourceData:
 @BENCHMARKS.register("fashion_mnist", help="Fashion-MNIST, 10 classes, 28x28 grey (Debian package or download)")
 class FashionMNISTConfig(DatasetConfig):
     name: Literal["fashion_mnist"] = "fashion_mnist"
-    root: str | None = Field(None, description="directory holding the four IDX files (.gz or raw)")
+    root: str | None = PathField(None, description="directory holding the four IDX files (.gz or raw)")
     download: bool = Field(True, description="download with torchvision if no local copy is found")
 
     CLASSES: ClassVar[list[str]] = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -188,7 +188,7 @@ class FashionMNISTConfig(DatasetConfig):
 class DigitsConfig(DatasetConfig):
     name: Literal["digits"] = "digits"
     test_fraction: float = Field(0.2, gt=0, lt=1, description="stratified test split")
-    split_seed: int = 0
+    split_seed: Seed = 0
 
     def num_classes(self) -> int:
         return 10
@@ -294,7 +294,7 @@ def load_cifar_dir(root: Path, n_classes: int) -> SourceData:
 
 
 class _CifarConfig(DatasetConfig):
-    root: str | None = Field(None, description="directory containing the extracted python batches")
+    root: str | None = PathField(None, description="directory containing the extracted python batches")
     download: bool = Field(True, description="download with torchvision if not found")
 
     N: ClassVar[int] = 10
@@ -354,7 +354,7 @@ def read_image(path: Path, mode: str, size: int, digest: Any = None) -> Tensor:
 @BENCHMARKS.register("image_folder", help="any root/{train,test}/<class>/<image> tree, resized at load")
 class ImageFolderConfig(DatasetConfig):
     name: Literal["image_folder"] = "image_folder"
-    root: str = Field(description="folder with one sub-folder per split")
+    root: str = PathField(description="folder with one sub-folder per split")
     train_dir: str = "train"
     test_dir: str = "test"
     image_size: int = Field(ge=1, description="images are resized to this square size when loaded")
@@ -408,7 +408,7 @@ class ImageFolderConfig(DatasetConfig):
 @BENCHMARKS.register("cub200", help="CUB-200-2011, 200 bird classes (official split; Avalanche download)")
 class CUB200Config(DatasetConfig):
     name: Literal["cub200"] = "cub200"
-    root: str | None = Field(None, description="directory containing CUB_200_2011/ (default: the data root)")
+    root: str | None = PathField(None, description="directory containing CUB_200_2011/ (default: the data root)")
     image_size: int = Field(224, ge=1, description="images are resized to this square size when loaded")
     download: bool = Field(True, description="download with Avalanche's CUB200 if not found")
 
@@ -463,7 +463,7 @@ class SyntheticConfig(DatasetConfig):
     image_size: int = Field(8, ge=2)
     channels: Literal[1, 3] = 1
     noise: float = Field(40.0, ge=0, description="std of the pixel noise, in grey levels")
-    seed: int = 0
+    seed: Seed = 0
 
     def num_classes(self) -> int:
         return self.n_classes

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from cl.errors import RunDirError
-from cl.utils import atomic_save
+from cl.utils import atomic_save, load_error_summary
 
-FORMAT = 1
+FORMAT = 2  # 2: carries the run identity
 
 
 def save_checkpoint(directory: Path, payload: dict[str, Any]) -> Path:
@@ -48,7 +48,7 @@ def load_checkpoint(directory: Path) -> dict[str, Any] | None:
         try:
             return _read(path)
         except Exception as err:  # noqa: BLE001 - any unreadable file: try the older one
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            problems.append(f"{path.name}: {first[:120]}")
-            warnings.warn(f"checkpoint {path} is unreadable ({first[:120]}); trying an older one", stacklevel=2)
+            why = load_error_summary(err)
+            problems.append(f"{path.name}: {why}")
+            warnings.warn(f"checkpoint {path} is unreadable ({why}); trying an older one", stacklevel=2)
     raise RunDirError(f"no readable checkpoint in {directory} ({'; '.join(problems)})")

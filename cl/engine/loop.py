@@ -36,22 +36,19 @@ from cl.data.benchmark import Benchmark, Experience, Split, build_benchmark
 from cl.engine.checkpoint import load_checkpoint, save_checkpoint
 from cl.engine.evaluate import EvalRow, accuracy_on_classes, evaluate
 from cl.engine.probes import ProbeRecorder
-from cl.engine.rundir import JsonlLog, open_run_dir, result_hash, write_config
+from cl.engine.rundir import JsonlLog, check_ours, open_run_dir, planned_state, run_identity, write_config
 from cl.models.backbone import Backbone, check_input, create_backbone
 from cl.models.features import cached_features
 from cl.models.pretrain import get_pretrained
 from cl.registry import STRATEGIES
-from cl.errors import ConfigError
+from cl.config import check_run_dir
+from cl.errors import ConfigError, RunDirError, TrainingDiverged, UserError
 from cl.utils import environment_info, peak_rss_mb, resolve_device, seed_everything, write_json
 from strategies.base import Strategy, StrategyContext, create_strategy
 
 
 # backbone provenance repeated in metrics.json (env.json has all of it)
 BACKBONE_SUMMARY = ("source", "sha256", "path", "file_sha256", "pretrained_on", "key", "cache", "hf_hub_id", "url", "tag")
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -173,24 +170,56 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop_a
 
     Args:
         cfg: validated run config.
-        resume: continue an unfinished run from its last checkpoint (a finished run is returned as is).
-        overwrite: delete an existing run directory first.
+        resume: continue an unfinished run from its last checkpoint (a finished run of the same
+            config, data and weights is returned as is).
+        overwrite: replace the run the directory holds (only a directory this framework created).
         stop_after: stop (checkpointed, unfinished) after this many experiences; used to test resume.
 
     Returns:
         The metrics dict (also written to ``metrics.json``), or None if stopped early.
     """
+    if stop_after is not None and stop_after < 1:
+        raise UserError(f"--stop-after must be >= 1, got {stop_after}")
+    if stop_after is not None and not cfg.train.checkpoint:
+        raise ConfigError("--stop-after needs train.checkpoint: true (there would be nothing to resume from)")
+    _refuse_early(cfg, resume=resume, overwrite=overwrite)
     prep = prepare(cfg)  # every input error surfaces here, before the run directory exists
-    run_dir, mode = open_run_dir(cfg, resume=resume, overwrite=overwrite)
-    if mode == "finished":
-        return json.loads((run_dir / "metrics.json").read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return _Loop(prep, run_dir, resume=mode == "resume").run(stop_after)
+    identity = run_identity(cfg, prep.images.source.fingerprint, prep.backbone.weights.get("sha256"))
+    opened = open_run_dir(cfg, identity, resume=resume, overwrite=overwrite)
+    try:
+        if opened.mode == "finished":
+            return read_metrics(opened.path)
+        return _Loop(prep, opened.path, identity, resume=opened.mode == "resume").run(stop_after)
+    finally:
+        opened.lock.release()
+
+
+def _refuse_early(cfg: RunConfig, *, resume: bool, overwrite: bool) -> None:
+    """What the config alone shows to be refused, before any data or backbone is loaded."""
+    check_ours(check_run_dir(cfg))
+    if overwrite:
+        return
+    state, diff = planned_state(cfg)
+    if state == "conflict":
+        kind = "finished" if (cfg.run_dir() / "metrics.json").is_file() else "unfinished"
+        raise RunDirError(f"{cfg.run_dir()} holds {'a' if kind == 'finished' else 'an'} {kind} run of another config ({diff}); pass --overwrite to replace it")
+    if state == "finished" and not resume:
+        raise RunDirError(f"{cfg.run_dir()} holds a finished run of this config; --resume reports it, --overwrite replaces it")
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"{run_dir / 'metrics.json'} is unreadable ({type(err).__name__}); pass --overwrite to re-run") from None
+    if not isinstance(metrics, dict):
+        raise RunDirError(f"{run_dir / 'metrics.json'} is not a metrics object; pass --overwrite to re-run")
+    return metrics
 
 
 class _Loop:
-    def __init__(self, prep: Prepared, run_dir: Path, resume: bool) -> None:
-        self.prep, self.cfg, self.run_dir = prep, prep.cfg, run_dir
+    def __init__(self, prep: Prepared, run_dir: Path, identity: dict[str, Any], resume: bool) -> None:
+        self.prep, self.cfg, self.run_dir, self.identity = prep, prep.cfg, run_dir, identity
         self.strategy, self.bench = prep.strategy, prep.bench
         self.exps = self.bench.experiences
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
@@ -207,15 +236,17 @@ class _Loop:
         self.probes = ProbeRecorder(self.cfg.shift, self.bench, prep.images, run_dir) if self.cfg.shift.enabled else None
         ckpt = load_checkpoint(run_dir / "ckpt") if resume else None
         if ckpt is not None:
+            if ckpt.get("identity") != identity:
+                raise RunDirError(f"{run_dir}: the checkpoint belongs to another config, data or backbone; pass --overwrite to start again")
             self._restore(ckpt)
         else:
             write_config(run_dir, self.cfg)
             write_json(run_dir / "env.json", self._env())
-        self.log = JsonlLog(run_dir / "log.jsonl", truncate_to=ckpt["log_offset"] if ckpt else None)
+        self.log = JsonlLog(run_dir / "log.jsonl", resume_offset=ckpt["log_offset"] if ckpt else None)
         if ckpt is None:
             self.log.write("run_start", run_dir=str(run_dir), **prep.setup)
         else:
-            self.log.write("resume", next_experience=self.next_exp)
+            self.log.write("resume", next_experience=self.next_exp, log_bytes_lost=self.log.lost_bytes)
 
     # ---- provenance and checkpoints -------------------------------------------------------
 
@@ -223,7 +254,7 @@ class _Loop:
         return {
             **environment_info(self.prep.device),
             "seed": self.cfg.seed,
-            "config_hash": result_hash(self.cfg),
+            "identity": self.identity,
             "backbone": {"name": self.prep.backbone.name, "freeze": self.prep.backbone.freeze, **self.prep.backbone.weights},
             "benchmark": self.bench.describe(),
             "input_transform": self.prep.backbone.transform.to_dict(),
@@ -236,7 +267,7 @@ class _Loop:
         save_checkpoint(
             self.run_dir / "ckpt",
             {
-                "config_hash": result_hash(self.cfg),
+                "identity": self.identity,
                 "next_experience": self.next_exp,
                 "strategy": self.strategy.state_dict(),
                 "rows_cil": self.rows_cil,
@@ -369,6 +400,7 @@ class _Loop:
         wall = self.elapsed_before + time.perf_counter() - self.started + self.prep.setup["setup_time_s"]
         memory_size, memory_bytes = strategy.memory_stats()
         result: dict[str, Any] = {
+            "identity": self.identity,
             "experiment": cfg.experiment,
             "run": cfg.name,
             "strategy": cfg.strategy.name,

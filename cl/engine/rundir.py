@@ -1,74 +1,340 @@
-"""Run directories: ``<out_dir>/<experiment>/<run>/seed<k>/`` with config, provenance, logs, metrics.
+"""Run directories: ``<out_dir>/<experiment>/<run>/seed<k>/`` and what makes a result trustworthy.
 
-A run directory is *finished* once ``metrics.json`` exists (written atomically, last). A finished run
-is never overwritten without ``--overwrite``; an unfinished one is continued with ``--resume``.
+A run directory belongs to exactly one resolved config. Its ``run.json`` (written first, when the
+directory is created) holds the run's *identity*: the hash of the config without the keys that
+cannot change a result (progress bars, thread count, where data and caches live), the fingerprint
+of the data, and the checksum of the backbone weights. It is also the marker that this framework
+created the directory: nothing without it is ever written into or deleted.
+
+* A finished run (``metrics.json`` present, written last) is reused only when the identity matches.
+* An unfinished run is continued (``--resume``) only when the identity matches, and its checkpoint
+  carries the same identity.
+* Otherwise: one line naming the keys that differ; ``--overwrite`` replaces the run.
+* A lock (``.lock``, ``flock``) makes a second process on the same directory a one-line error.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from pydantic import BaseModel
 
-from cl.config import RunConfig, config_hash, config_to_dict
+from cl.config import RunConfig, check_run_dir, config_hash, config_to_dict, is_path_field, parse_override, yaml_text
 from cl.errors import RunDirError
 from cl.utils import atomic_write_text
 
-# Keys that do not change results; a run may be resumed with different values.
-VOLATILE_KEYS = ("progress", "out_dir", "data_root", "cache_dir", "num_threads")
+MARKER = "run.json"
+LOCK = ".lock"
+FORMAT = 1
+
+# Keys that cannot change a result: a run may be reused or resumed with other values, and --set on
+# them does not rename the run. Paths (data roots, weights files) are identified by content instead:
+# the data fingerprint and the weights checksum are part of the identity.
+VOLATILE_KEYS = ("progress", "out_dir", "data_root", "cache_dir", "num_threads", "train.checkpoint")
+# Keys that place the run directory rather than describe the run.
+PLACEMENT_KEYS = ("experiment", "run_name", "seed")
+
+
+# ---- identity -------------------------------------------------------------------------------
+
+
+def _drop(data: dict[str, Any], dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        data = data.get(key)  # type: ignore[assignment]
+        if not isinstance(data, dict):
+            return
+    data.pop(last, None)
+
+
+def _without_paths(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if is_path_field(field):
+            data.pop(name, None)
+        elif isinstance(value, BaseModel) and isinstance(data.get(name), dict):
+            _without_paths(value, data[name])
+    return data
+
+
+def result_config(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config without volatile keys and paths: what a result depends on."""
+    data = _without_paths(cfg, config_to_dict(cfg))
+    for key in VOLATILE_KEYS:
+        _drop(data, key)
+    return data
 
 
 def result_hash(cfg: RunConfig) -> str:
-    data = config_to_dict(cfg)
-    for key in VOLATILE_KEYS:
-        data.pop(key, None)
-    return config_hash(data)
+    return config_hash(result_config(cfg))
+
+
+def run_identity(cfg: RunConfig, data_fingerprint: str, weights_sha256: str | None) -> dict[str, Any]:
+    """What a run's numbers are a function of: config, data bytes, backbone weights."""
+    return {"config": result_hash(cfg), "data": data_fingerprint, "weights": weights_sha256}
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists are leaves."""
+    if not isinstance(data, dict) or (prefix and not data):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> list[str]:
+    """``key: old -> new`` for every flattened key that differs (the first ``limit``, then a count)."""
+    a, b = flatten(old), flatten(new)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    parts = [f"{k}: {_short(a.get(k, '<unset>'))} -> {_short(b.get(k, '<unset>'))}" for k in keys[:limit]]
+    if len(keys) > limit:
+        parts.append(f"and {len(keys) - limit} more")
+    return parts
+
+
+def identity_diff(marker: dict[str, Any], identity: dict[str, Any], config: dict[str, Any]) -> str | None:
+    """None if ``marker`` (a run.json) describes the same run, else what differs, for one line."""
+    old = marker.get("identity") or {}
+    parts: list[str] = []
+    if old.get("config") != identity["config"]:
+        parts += config_diff(marker.get("config") or {}, config) or ["config hash"]
+    if "data" in identity and old.get("data") != identity["data"]:
+        parts.append("data fingerprint")
+    if "weights" in identity and old.get("weights") != identity["weights"]:
+        parts.append("backbone weights sha256")
+    return "; ".join(parts) if parts else None
+
+
+# ---- the directory ----------------------------------------------------------------------------
 
 
 def is_finished(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file()
 
 
-def open_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Path, str]:
-    """Check the directory's state against the request. Returns (path, "fresh" | "resume" | "finished")."""
-    run_dir = cfg.run_dir()
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    if is_finished(run_dir):
-        if resume:
-            return run_dir, "finished"
-        raise RunDirError(f"{run_dir} holds a finished run; pass --overwrite to replace it")
-    has_checkpoint = (run_dir / "ckpt").is_dir() and any((run_dir / "ckpt").iterdir())
-    if has_checkpoint and not resume:
-        raise RunDirError(f"{run_dir} holds an unfinished run; pass --resume to continue it or --overwrite")
-    if resume and has_checkpoint:
-        saved = run_dir / "config.yaml"
-        if saved.is_file():
-            old = yaml.safe_load(saved.read_text())
-            for key in VOLATILE_KEYS:
-                old.pop(key, None)
-            if config_hash(old) != result_hash(cfg):
-                raise RunDirError(f"{run_dir}: the config differs from the run being resumed (use --overwrite)")
-        return run_dir, "resume"
-    return run_dir, "fresh"
+def read_marker(run_dir: Path) -> dict[str, Any] | None:
+    """The run.json of a directory, None if absent; a corrupt one is a RunDirError."""
+    path = run_dir / MARKER
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"{path} is unreadable ({type(err).__name__}); pass --overwrite to replace the run") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("identity"), dict):
+        raise RunDirError(f"{path} is not a run marker of this framework; pass --overwrite to replace the run")
+    return marker
+
+
+def _contents(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
+
+
+def check_ours(run_dir: Path) -> None:
+    """Refuse a path that exists and was not created by this framework (no run.json)."""
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise RunDirError(f"{run_dir} exists and is not a run directory; refusing to touch it")
+    if _contents(run_dir) and not (run_dir / MARKER).is_file():
+        raise RunDirError(
+            f"{run_dir} exists but has no {MARKER}, so it was not created by this version of cl; "
+            f"refusing to write into or delete it (move it away)"
+        )
+
+
+def planned_state(cfg: RunConfig) -> tuple[str, str | None]:
+    """What a run would do with its directory, from the config alone (no data or weights loaded).
+
+    Returns (state, detail): ("new" | "finished" | "unfinished" | "conflict", what differs).
+    """
+    run_dir = check_run_dir(cfg)
+    check_ours(run_dir)
+    marker = read_marker(run_dir)
+    if marker is None:
+        return "new", None
+    diff = identity_diff(marker, {"config": result_hash(cfg)}, result_config(cfg))
+    if diff:
+        return "conflict", diff
+    return ("finished" if is_finished(run_dir) else "unfinished"), None
+
+
+def _clear(run_dir: Path) -> None:
+    """Delete everything in a directory of ours except the lock we hold."""
+    for entry in _contents(run_dir):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run_dir>/.lock``, released by ``release`` or by process exit."""
+
+    def __init__(self, run_dir: Path) -> None:
+        path = run_dir / LOCK
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.read(self._fd, 64).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            self._fd = None
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunDirError(f"{run_dir} is in use by another cl process (pid {holder}); wait for it or stop it") from None
+            raise
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class OpenRun:
+    path: Path
+    mode: str  # "fresh" | "resume" | "finished"
+    lock: RunLock
+
+
+def open_run_dir(cfg: RunConfig, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> OpenRun:
+    """Lock the run directory and check its state against the request and the run's identity.
+
+    Args:
+        cfg: the run's config.
+        identity: :func:`run_identity` of the prepared run.
+        resume: continue an unfinished run, or report a finished one (sweeps always pass True).
+        overwrite: replace whatever run of ours the directory holds.
+    """
+    run_dir = check_run_dir(cfg)
+    check_ours(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    try:
+        config = result_config(cfg)
+        check_ours(run_dir)  # again, under the lock
+        marker = None if overwrite else read_marker(run_dir)
+        if marker is not None:
+            diff = identity_diff(marker, identity, config)
+            finished = is_finished(run_dir)
+            kind = "finished" if finished else "unfinished"
+            if diff:
+                raise RunDirError(f"{run_dir} holds {'a' if finished else 'an'} {kind} run of another config ({diff}); pass --overwrite to replace it")
+            if finished:
+                if not resume:
+                    raise RunDirError(f"{run_dir} holds a finished run of this config; --resume reports it, --overwrite replaces it")
+                return OpenRun(run_dir, "finished", lock)
+            if any((run_dir / "ckpt").glob("*.pt")):
+                if not resume:
+                    raise RunDirError(f"{run_dir} holds an unfinished run; pass --resume to continue it or --overwrite to replace it")
+                return OpenRun(run_dir, "resume", lock)
+            # Unfinished without a checkpoint (it died before the first one): nothing to continue.
+        _clear(run_dir)
+        marker = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "identity": identity, "config": config}
+        atomic_write_text(run_dir / MARKER, json.dumps(marker, indent=1, sort_keys=True) + "\n")
+        return OpenRun(run_dir, "fresh", lock)
+    except BaseException:
+        lock.release()
+        raise
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> None:
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write_text(run_dir / "config.yaml", yaml_text(config_to_dict(cfg)))
+
+
+# ---- naming runs by their --set overrides -----------------------------------------------------
+
+_KEEP = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.=+-")
+
+
+def _token(text: str) -> str:
+    return "".join(c if c in _KEEP else "_" for c in text)
+
+
+def override_label(overrides: list[str], before: dict[str, Any]) -> str | None:
+    """A readable, path-safe label for the ``--set`` overrides that change a result.
+
+    ``["strategy.lr=0.5", "progress=false"]`` -> ``"strategy.lr=0.5"``. Overrides of volatile and
+    placement keys, and overrides that leave the value as it was, are left out; the last override of a
+    key wins. Long labels are shortened with a hash of the full text, so distinct labels stay distinct.
+    """
+    chosen: dict[str, Any] = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        chosen[".".join(keys)] = value
+    flat = flatten(before)
+    parts = []
+    for key, value in chosen.items():
+        if key in VOLATILE_KEYS or key in PLACEMENT_KEYS or (key in flat and flat[key] == value):
+            continue
+        shown = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+        parts.append(f"{_token(key)}={_token(shown)}")
+    if not parts:
+        return None
+    label = ",".join(parts)
+    if len(label) > 80:
+        label = label[:64] + "+h" + config_hash(sorted(chosen.items()))[:8]
+    return label
+
+
+def name_run(data: dict[str, Any], overrides: list[str], before: dict[str, Any]) -> dict[str, Any]:
+    """Give a run built with ``--set`` overrides its own directory: ``<name>,<label>``.
+
+    An explicit ``--set run_name=...`` is kept as given (identity checks still refuse a clash).
+    """
+    if any(parse_override(t)[0] == ["run_name"] for t in overrides):
+        return data
+    label = override_label(overrides, before)
+    if label is None:
+        return data
+    strategy = data.get("strategy")
+    base = data.get("run_name") or (strategy.get("name") if isinstance(strategy, dict) else None)
+    if not isinstance(base, str):
+        return data  # validation reports the missing strategy
+    return {**data, "run_name": f"{base},{label}"}
+
+
+# ---- the event log ------------------------------------------------------------------------------
 
 
 class JsonlLog:
-    """Append-only JSON-lines log; ``offset`` lets a resumed run drop lines written after its checkpoint."""
+    """JSON-lines log of a run: truncated on a fresh start, cut back to the checkpoint on resume.
 
-    def __init__(self, path: Path, truncate_to: int | None = None) -> None:
+    A resumed run drops the lines written after its checkpoint; if the log is shorter than the
+    checkpoint remembers (it was cut by a crash or by hand) it is cut back to its last complete
+    line instead, never padded, so every line stays valid JSON.
+    """
+
+    def __init__(self, path: Path, resume_offset: int | None = None) -> None:
         self.path = path
-        if truncate_to is not None and path.exists():
+        self.lost_bytes = 0
+        if resume_offset is None or not path.exists():
+            path.write_bytes(b"")
+        else:
+            size = path.stat().st_size
+            keep = min(size, resume_offset)
+            if keep < resume_offset:
+                self.lost_bytes = resume_offset - keep
+            data = path.read_bytes()[:keep]
+            keep = data.rfind(b"\n") + 1  # a partial last line is dropped
             with open(path, "r+b") as fh:
-                fh.truncate(truncate_to)
+                fh.truncate(keep)
         self._fh = open(path, "a", encoding="utf-8")
 
     def write(self, event: str, **fields: Any) -> None:
@@ -81,4 +347,5 @@ class JsonlLog:
         return self._fh.tell()
 
     def close(self) -> None:
-        self._fh.close()
+        if not self._fh.closed:
+            self._fh.close()

@@ -19,7 +19,6 @@ where it stopped.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 import traceback
@@ -27,26 +26,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from cl.config import (
-    ConfigError, Model, RunConfig, apply_overrides, config_hash, deep_merge, format_validation_error, load_yaml, parse_run_config,
+    SEGMENT, ConfigError, Model, RunConfig, Seed, apply_overrides, config_hash, deep_merge, format_validation_error, load_yaml,
+    parse_run_config, resolve_paths,
 )
-from cl.errors import UserError
+from cl.engine.rundir import name_run, planned_state
+from cl.errors import RunDirError, UserError
+from cl.utils import write_json
 
 
 class SuiteEntry(Model):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(pattern=rf"^{SEGMENT}$")
     overrides: dict[str, Any] = Field(default_factory=dict, description="nested overrides of the run config")
 
 
 class SuiteConfig(Model):
-    suite: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    suite: str = Field(pattern=rf"^{SEGMENT}$")
     config: str = Field(description="base run config, relative to the suite file")
     overrides: dict[str, Any] = Field(default_factory=dict)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     benchmarks: list[SuiteEntry] = Field(default_factory=list)
     strategies: list[SuiteEntry] = Field(min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        dupes = sorted({s for s in seeds if seeds.count(s) > 1})
+        if dupes:
+            raise ValueError(f"seeds must be distinct (repeated: {', '.join(map(str, dupes))}); a repeated seed is the same run")
+        return seeds
 
 
 @dataclass
@@ -59,19 +69,29 @@ class PlannedRun:
 
 
 def plan_suite(path: str | Path, cli_overrides: list[str] | None = None, out_dir: str | None = None) -> tuple[SuiteConfig, list[PlannedRun]]:
-    """Expand and validate every run of a suite; raises ConfigError naming the entry at fault."""
-    path = Path(path)
-    raw = load_yaml(path)
+    """Expand and validate every run of a suite; raises ConfigError naming the entry at fault.
+
+    ``--set`` overrides rename the runs they change (``er`` -> ``er,strategy.lr=0.5``), so their
+    results never land in the directories of the suite as written; two runs that still map to one
+    directory (``--set seed=7`` on a multi-seed suite, ``--set run_name=x``) are refused here.
+    """
+    path = Path(path).expanduser()
+    raw = load_yaml(path, run_config=False)
     try:
         suite = SuiteConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"{path}: {format_validation_error(err, SuiteConfig)}") from None
+        raise ConfigError(f"{path}: {format_validation_error(err, SuiteConfig, data=raw)}") from None
     for kind, entries in (("benchmarks", suite.benchmarks), ("strategies", suite.strategies)):
         names = [e.name for e in entries]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"{path}: duplicate {kind} names: {', '.join(dupes)}")
-    base = deep_merge(load_yaml(path.parent / suite.config), suite.overrides)
+    here = path.resolve().parent
+
+    def local(overrides: dict[str, Any]) -> dict[str, Any]:  # paths in the suite are relative to it
+        return resolve_paths(overrides, here)
+
+    base = deep_merge(load_yaml(here / suite.config), local(suite.overrides))
     benchmarks: list[SuiteEntry | None] = list(suite.benchmarks) or [None]
     planned = []
     for bench in benchmarks:
@@ -79,8 +99,8 @@ def plan_suite(path: str | Path, cli_overrides: list[str] | None = None, out_dir
             for seed in suite.seeds:
                 data = copy.deepcopy(base)
                 if bench is not None:
-                    data = deep_merge(data, bench.overrides)
-                data = deep_merge(data, strat.overrides)
+                    data = deep_merge(data, local(bench.overrides))
+                data = deep_merge(data, local(strat.overrides))
                 data.update(
                     experiment=suite.suite if bench is None else f"{suite.suite}/{bench.name}",
                     run_name=strat.name,
@@ -88,14 +108,49 @@ def plan_suite(path: str | Path, cli_overrides: list[str] | None = None, out_dir
                 )
                 if out_dir is not None:
                     data["out_dir"] = out_dir
-                data = apply_overrides(data, cli_overrides or [])
+                before = data
+                data = name_run(apply_overrides(data, cli_overrides or []), cli_overrides or [], before)
                 where = f"{path}: {'benchmark ' + bench.name + ', ' if bench else ''}strategy {strat.name}, seed {seed}"
                 try:
                     cfg = parse_run_config(data)
                 except ConfigError as err:
                     raise ConfigError(f"{where}: {err}") from None
                 planned.append(PlannedRun(bench.name if bench else None, strat.name, seed, data, cfg))
+    seen: dict[Path, PlannedRun] = {}
+    for run in planned:
+        key = run.cfg.run_dir().resolve()
+        if key in seen:
+            other = seen[key]
+            raise ConfigError(
+                f"{path}: strategy {other.strategy} seed {other.seed} and strategy {run.strategy} seed {run.seed} "
+                f"would write the same run directory {run.cfg.run_dir()} (a --set of seed or run_name?)"
+            )
+        seen[key] = run
     return suite, planned
+
+
+def plan_states(planned: list[PlannedRun], overwrite: bool) -> list[tuple[str, str | None]]:
+    """What each planned run would do: run, resume, reuse, or conflict (a run of another config)."""
+    states = []
+    for run in planned:
+        if overwrite:
+            states.append(("run (overwrite)", None))
+            continue
+        state, diff = planned_state(run.cfg)
+        if state == "unfinished":
+            resumable = any((run.cfg.run_dir() / "ckpt").glob("*.pt"))
+            state = "resume" if resumable else "restart"
+        states.append(({"new": "run", "finished": "reuse"}.get(state, state), diff))
+    return states
+
+
+def check_plan(planned: list[PlannedRun], overwrite: bool) -> None:
+    """Refuse a sweep whose run directories hold runs of other configs, before anything runs."""
+    conflicts = [(run, diff) for run, (state, diff) in zip(planned, plan_states(planned, overwrite)) if state == "conflict"]
+    if conflicts:
+        run, diff = conflicts[0]
+        more = f" (and {len(conflicts) - 1} more run{'s' * (len(conflicts) > 2)})" if len(conflicts) > 1 else ""
+        raise RunDirError(f"{run.cfg.run_dir()} holds a run of another config ({diff}){more}; pass --overwrite to replace them")
 
 
 def execute(data: dict[str, Any], overwrite: bool = False, threads: int | None = None) -> dict[str, Any]:
@@ -145,8 +200,10 @@ def warm_caches(planned: list[PlannedRun]) -> None:
         t0 = time.perf_counter()
         try:
             inputs = prepare_inputs(cfg, want_features=wants)
-        except UserError:
-            continue  # the runs themselves will report it
+        except Exception as err:  # noqa: BLE001 - each run prepares again and reports its own failure
+            if not isinstance(err, UserError):
+                print(f"shared inputs for seed {cfg.seed} failed ({type(err).__name__}: {err}); the runs will report it", flush=True)
+            continue
         w = inputs.backbone.weights
         print(
             f"shared inputs for seed {cfg.seed}: backbone {inputs.backbone.name} ({w.get('source')}, {w.get('cache', '-')}), "
@@ -161,6 +218,34 @@ def all_finished(planned: list[PlannedRun], cfg: RunConfig) -> bool:
 
     same = [r for r in planned if r.cfg.benchmark == cfg.benchmark and r.cfg.backbone == cfg.backbone and r.cfg.seed == cfg.seed]
     return all(is_finished(r.cfg.run_dir()) for r in same)
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Make a worker process die with the process that started it (even on SIGKILL of the parent).
+
+    Linux's parent-death signal does it at once; a watchdog thread that sees the parent pid change
+    covers other systems and the case where the parent died before this ran.
+    """
+    import signal
+    import threading
+
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(1.0)
+
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _report_progress(i: int, total: int, outcome: dict[str, Any]) -> None:
@@ -184,7 +269,8 @@ def run_local(planned: list[PlannedRun], jobs: int, overwrite: bool) -> list[dic
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     results: dict[int, dict[str, Any]] = {}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(execute, run.data, overwrite, threads): k for k, run in enumerate(planned)}
         for done, future in enumerate(as_completed(futures), 1):
             k = futures[future]
@@ -239,14 +325,14 @@ def run_suite(
     from analysis.report import RunRecord, write_report
 
     suite, planned = plan_suite(path, cli_overrides, out_dir)
+    check_plan(planned, overwrite)
     warm_caches(planned)
     if executor == "ray":
         outcomes = run_ray(planned, overwrite, ray_address, max(1, (os.cpu_count() or 1) // max(jobs, 1)))
     else:
         outcomes = run_local(planned, jobs, overwrite)
     root = Path(planned[0].cfg.out_dir) / suite.suite
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "outcomes.json").write_text(json.dumps([{k: v for k, v in o.items() if k != "metrics"} for o in outcomes], indent=2))
+    write_json(root / "outcomes.json", [{k: v for k, v in o.items() if k != "metrics"} for o in outcomes])
     records = [
         RunRecord(Path(o["run_dir"]), o["experiment"], o["run"], o["seed"], o["metrics"],
                   "finished" if o["ok"] else "failed", o["error"])

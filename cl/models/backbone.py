@@ -1,14 +1,13 @@
 """Backbone factory on ``timm.create_model``: weights (hub | file | pretrain | none), freezing, checksums.
 
-Only timm's public API is used. Weights from a local file go through timm's own pretrained-loading
-path (``pretrained_cfg_overlay={'state_dict': ...}``), so input-channel adaptation and classifier
-removal behave exactly as for hub weights, but the file itself is read safely (safetensors, or
-``torch.load(weights_only=True)``) before timm sees it.
+Only timm's public API is used. A local weights file is read safely (safetensors, or
+``torch.load(weights_only=True)``) and must fit the architecture exactly: every tensor present,
+same shapes, finite values (only a classifier head is ignored). Hub weights go through timm's own
+loader, with its usual adaptations.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 from cl.config import BackboneConfig
 from cl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchTransform
 from cl.errors import ConfigError, WeightsError
-from cl.utils import file_sha256, state_dict_sha256
+from cl.utils import file_sha256, load_error_summary, state_dict_sha256
 
 
 @dataclass
@@ -132,61 +131,64 @@ def load_weights_file(path: str | Path, expected_sha256: str | None = None) -> t
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to parse becomes one clear line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(f"{path}: cannot load weights safely ({first[:200]})") from None
+        raise WeightsError(f"{path}: cannot load weights safely ({load_error_summary(err)})") from None
     for key in ("state_dict", "model", "module"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise WeightsError(f"{path}: not a state dict of tensors")
     return state, sha
 
 
-def _create(name: str, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
+def create_model(name: str, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
     try:
         return timm.create_model(name, num_classes=0, **extra, **kwargs)
     except TypeError as err:
         raise ConfigError(f"backbone.kwargs: {name} rejects these arguments ({err})") from None
 
 
-def _check_keys(model: nn.Module, state: dict[str, Tensor], name: str, origin: str) -> None:
-    """Refuse a checkpoint that does not cover the architecture.
-
-    timm's pretrained loader turns ``strict`` off when it adapts a model (other class count or input
-    channels), so a checkpoint of another architecture would otherwise load "successfully" and
-    leave random weights. The file must be in timm's state-dict format: every backbone key present,
-    nothing unknown except the classifier timm drops.
-    """
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
     classifier = (getattr(model, "pretrained_cfg", {}) or {}).get("classifier") or ()
     heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    model_keys = set(model.state_dict())
-    missing = sorted(model_keys - set(state))
-    unexpected = sorted(k for k in set(state) - model_keys if not k.startswith(tuple(f"{h}." for h in heads)))
-    if missing or unexpected:
+    return tuple(f"{h}." for h in heads)
+
+
+def load_exact(model: nn.Module, state: dict[str, Tensor], name: str, origin: str) -> list[str]:
+    """Load ``state`` into ``model``, refusing anything but an exact fit. Returns the keys left out.
+
+    Every tensor of the model must come from ``state`` with the same shape and finite values; the
+    only keys left out are the classifier's (the backbone has no head) and BatchNorm's
+    ``num_batches_tracked`` counters when absent. Nothing is silently skipped, reshaped or adapted
+    (timm's pretrained loader would adapt input channels or drop a mismatched stem; here that is an
+    error, so the recorded checksum always describes the weights that run).
+    """
+    model_state = model.state_dict()
+    heads = _head_prefixes(model)
+    missing = sorted(k for k in model_state if k not in state and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state if k not in model_state and not k.startswith(heads))
+    shape = sorted(k for k in model_state if k in state and tuple(state[k].shape) != tuple(model_state[k].shape))
+    if missing or unexpected or shape:
         detail = ", ".join(
             part for part in (
                 f"{len(missing)} missing keys, e.g. {missing[0]}" if missing else "",
                 f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}" if unexpected else "",
+                f"{len(shape)} tensors of another shape, e.g. {shape[0]} {tuple(state[shape[0]].shape)} vs "
+                f"{tuple(model_state[shape[0]].shape)}" if shape else "",
             ) if part
         )
-        raise WeightsError(f"{origin}: weights do not match backbone '{name}' ({detail})")
+        hint = "; check benchmark.channels and backbone.kwargs" if shape else ""
+        raise WeightsError(f"{origin}: weights do not match backbone '{name}' ({detail}){hint}")
+    bad = sorted(k for k in model_state if k in state and state[k].is_floating_point() and not torch.isfinite(state[k]).all())
+    if bad:
+        raise WeightsError(f"{origin}: {len(bad)} weight tensors hold NaN or infinite values, e.g. {bad[0]}")
+    fitted = {k: state[k] for k in model_state if k in state}
+    model.load_state_dict(fitted, strict=False)
+    return sorted(k for k in state if k not in fitted)
 
 
-def _load_into(name: str, kwargs: dict[str, Any], state: dict[str, Tensor], origin: str) -> nn.Module:
-    # timm logs a warning when weights already have the model's channel count; that is expected here.
-    builder_log = logging.getLogger("timm.models._builder")
-    level = builder_log.level
-    builder_log.setLevel(logging.ERROR)
-    try:
-        model = _create(name, kwargs, pretrained=True, pretrained_cfg_overlay={"state_dict": dict(state)})
-    except RuntimeError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
-        raise WeightsError(f"{origin}: weights do not match backbone '{name}' ({detail[:160]})") from None
-    finally:
-        builder_log.setLevel(level)
-    _check_keys(model, state, name, origin)
-    return model
+def _load_into(name: str, kwargs: dict[str, Any], state: dict[str, Tensor], origin: str) -> tuple[nn.Module, list[str]]:
+    model = create_model(name, kwargs)
+    return model, load_exact(model, state, name, origin)
 
 
 def create_backbone(
@@ -218,10 +220,10 @@ def create_backbone(
     info: dict[str, Any] = {"source": source}
     torch.manual_seed(seed)
     if source == "none":
-        model = _create(cfg.name, kwargs)
+        model = create_model(cfg.name, kwargs)
     elif source == "hub":
         try:
-            model = _create(cfg.name, kwargs, pretrained=True)
+            model = create_model(cfg.name, kwargs, pretrained=True)
         except (OSError, RuntimeError, ValueError) as err:
             raise WeightsError(
                 f"could not fetch hub weights for '{cfg.name}' ({type(err).__name__}); offline, download them "
@@ -231,12 +233,12 @@ def create_backbone(
         info.update({k: pcfg.get(k) for k in ("hf_hub_id", "url", "tag") if pcfg.get(k)})
     elif source == "file":
         state, sha = load_weights_file(cfg.weights.path or "", cfg.weights.sha256)
-        model = _load_into(cfg.name, kwargs, state, cfg.weights.path or "")
-        info.update({"path": str(Path(cfg.weights.path or "").resolve()), "file_sha256": sha})
+        model, ignored = _load_into(cfg.name, kwargs, state, cfg.weights.path or "")
+        info.update({"path": str(Path(cfg.weights.path or "").resolve()), "file_sha256": sha, "ignored_keys": ignored})
     else:  # pretrain
         if pretrained_state is None:
             raise RuntimeError("source 'pretrain' needs the pretrained state (see cl.models.pretrain)")
-        model = _load_into(cfg.name, kwargs, pretrained_state, "pretrained backbone")
+        model, _ = _load_into(cfg.name, kwargs, pretrained_state, "pretrained backbone")
         info.update(pretrain_info or {})
     info["sha256"] = state_dict_sha256(model)
 

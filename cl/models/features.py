@@ -8,9 +8,11 @@ so runs of a sweep that share a backbone and a benchmark compute them once.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -18,7 +20,7 @@ from tqdm.auto import tqdm
 from cl.config import config_hash
 from cl.data.benchmark import Benchmark
 from cl.models.backbone import Backbone
-from cl.utils import atomic_save, tensor_sha256
+from cl.utils import atomic_save, load_error_summary, tensor_sha256
 
 
 @torch.no_grad()
@@ -65,14 +67,39 @@ def cached_features(
     device: torch.device,
     progress: bool = False,
 ) -> tuple[Tensor, Tensor, bool]:
-    """(train pool features, test pool features, cache hit?) for the benchmark's image pools."""
+    """(train pool features, test pool features, cache hit?) for the benchmark's image pools.
+
+    A cache file records the checksum of its tensors; one that is unreadable, of the wrong shape or
+    whose bytes no longer match is rebuilt with a warning, never used. A cache that cannot be
+    written (read-only, full) costs only the reuse.
+    """
     path = cache_dir / "features" / f"{feature_cache_key(backbone, bench)}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
-        data = load_file(str(path))
-        if len(data["train"]) == len(bench.source.x_train) and len(data["test"]) == len(bench.source.x_test):
-            return data["train"], data["test"], True
+        cached = _read_verified(path, len(bench.source.x_train), len(bench.source.x_test), backbone.feature_dim)
+        if cached is not None:
+            return cached[0], cached[1], True
     train = extract_features(backbone, bench.source.x_train, batch_size, device, progress, "features (train)")
     test = extract_features(backbone, bench.source.x_test, batch_size, device, progress, "features (test)")
     if path is not None:
-        atomic_save(path, lambda tmp: save_file({"train": train.contiguous(), "test": test.contiguous()}, str(tmp)))
+        tensors = {"train": train.contiguous(), "test": test.contiguous()}
+        try:
+            atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata={"sha256": tensor_sha256(train, test)}))
+        except OSError as err:
+            warnings.warn(f"could not write the feature cache in {path.parent} ({err.strerror}); continuing without it", stacklevel=2)
     return train, test, False
+
+
+def _read_verified(path: Path, n_train: int, n_test: int, dim: int) -> tuple[Tensor, Tensor] | None:
+    try:
+        with safe_open(str(path), "pt") as fh:
+            expected = (fh.metadata() or {}).get("sha256")
+        data = load_file(str(path))
+        train, test = data["train"], data["test"]
+        if tuple(train.shape) != (n_train, dim) or tuple(test.shape) != (n_test, dim):
+            raise ValueError(f"shapes {tuple(train.shape)}, {tuple(test.shape)}; expected ({n_train}, {dim}), ({n_test}, {dim})")
+        if expected is None or tensor_sha256(train, test) != expected:
+            raise ValueError("checksum mismatch")
+    except Exception as err:  # noqa: BLE001 - anything wrong with a cache file: rebuild it
+        warnings.warn(f"feature cache {path} is unusable ({load_error_summary(err)}); extracting again", stacklevel=3)
+        return None
+    return train, test

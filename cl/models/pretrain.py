@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -22,9 +22,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cl.config import BackboneConfig, PretrainConfig, config_hash
-from cl.data.benchmark import Benchmark, build_benchmark, make_transform
+from cl.data.benchmark import Benchmark, Split, build_benchmark, make_transform
 from cl.data.transforms import BatchTransform, random_crop_flip
-from cl.utils import atomic_save, git_info, package_versions, state_dict_sha256, tensor_sha256, write_json
+from cl.errors import TrainingDiverged
+from cl.models.backbone import create_model
+from cl.utils import atomic_save, git_info, load_error_summary, package_versions, state_dict_sha256, tensor_sha256, write_json
 
 
 def pretraining_data(pcfg: PretrainConfig, bench: Benchmark, data_root: Path, seed: int) -> tuple[Tensor, Tensor, BatchTransform, str]:
@@ -77,15 +79,21 @@ def train_supervised(
     g = torch.Generator().manual_seed(pcfg.seed)
     history = []
     bar = tqdm(total=total, desc="pretrain", disable=None if progress else True, leave=False)
+    data = Split(x, y)
     for epoch in range(pcfg.epochs):
         correct, seen, loss_sum = 0, 0, 0.0
-        for idx in torch.randperm(len(y), generator=g).split(pcfg.batch_size):
-            xb = transform(x[idx], device)
+        for step, (xb_u8, yb_cpu) in enumerate(data.batches(pcfg.batch_size, g)):  # no 1-sample batch: BatchNorm
+            xb = transform(xb_u8, device)
             if pcfg.augment:
                 xb = random_crop_flip(xb, g)
-            yb = y[idx].to(device)
+            yb = yb_cpu.to(device)
             logits = head(model(xb))
             loss = F.cross_entropy(logits, yb, label_smoothing=pcfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"pretraining diverged (loss {loss.item()} at epoch {epoch}, step {step}); "
+                    f"lower backbone.weights.pretrain.lr (now {pcfg.lr}). Nothing was cached"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -98,6 +106,9 @@ def train_supervised(
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
     bar.close()
     model.eval()
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise TrainingDiverged(f"pretraining left non-finite weights (e.g. {bad[0]}); lower backbone.weights.pretrain.lr. Nothing was cached")
     return {"history": history, "n_samples": len(y), "n_classes": n_classes}
 
 
@@ -121,15 +132,13 @@ def get_pretrained(
     key = pretrain_key(cfg, pcfg, x, y, transform)
     path = cache_dir / "backbones" / f"{cfg.name}-{key}.safetensors"
     meta_path = path.with_suffix(".json")
-    if path.is_file() and meta_path.is_file():
-        state = load_file(str(path))
-        meta = json.loads(meta_path.read_text())
-        if state_dict_sha256(state) == meta.get("sha256"):
-            return state, {**meta, "cache": "hit"}
+    cached = _read_cached(path, meta_path, key)
+    if cached is not None:
+        return cached
     kwargs = dict(cfg.kwargs)
     kwargs.setdefault("in_chans", transform.channels)
     torch.manual_seed(pcfg.seed)
-    model = timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
+    model = create_model(cfg.name, kwargs)  # a backbone.kwargs typo is a one-line error before training
     start = time.perf_counter()
     stats = train_supervised(model, x, y, transform, pcfg, device, progress)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -148,6 +157,27 @@ def get_pretrained(
         "packages": package_versions(),
         **stats,
     }
-    atomic_save(path, lambda tmp: save_file(state, str(tmp), metadata={"sha256": meta["sha256"]}))
-    write_json(meta_path, meta)
+    try:
+        atomic_save(path, lambda tmp: save_file(state, str(tmp), metadata={"sha256": meta["sha256"]}))
+        write_json(meta_path, meta)
+    except OSError as err:  # a read-only or full cache: the run goes on with the weights in memory
+        warnings.warn(f"could not cache the pretrained backbone in {path.parent} ({err.strerror}); continuing without caching", stacklevel=2)
+        return state, {**meta, "path": None, "cache": "not written"}
     return state, {**meta, "cache": "miss"}
+
+
+def _read_cached(path: Path, meta_path: Path, key: str) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """A cached pretrained backbone, verified against its recorded checksum; None to rebuild it."""
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        state = load_file(str(path))
+        if not isinstance(meta, dict) or meta.get("key") != key:
+            raise ValueError("provenance file missing or of another backbone")
+        if state_dict_sha256(state) != meta.get("sha256"):
+            raise ValueError("checksum mismatch")
+    except Exception as err:  # noqa: BLE001 - anything wrong with a cache entry: rebuild it
+        warnings.warn(f"cached backbone {path} is unusable ({load_error_summary(err)}); pretraining again", stacklevel=3)
+        return None
+    return state, {**meta, "cache": "hit"}
