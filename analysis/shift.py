@@ -165,14 +165,26 @@ def load_probes(run_dir: Any) -> tuple[dict[int, dict[str, Tensor]], dict[str, l
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from cl.errors import DataError
+
     probes: dict[int, dict[str, Tensor]] = {}
     order: dict[str, list[str]] = {"feat": [], "bn": []}
     for path in sorted(Path(run_dir, "probes").glob("exp*.safetensors")):
-        probes[int(path.stem[3:])] = load_file(str(path))
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
+        try:
+            index = int(path.stem[3:])
+            probes[index] = load_file(str(path))
+            with safe_open(str(path), "pt") as fh:
+                meta = fh.metadata() or {}
+            names = {kind: json.loads(meta.get(kind, "[]")) for kind in order}
+            if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in names.values()):
+                raise ValueError("layer names are not a list of strings")
+            for key in probes[index]:
+                _split_key(key)
+        except Exception as err:  # noqa: BLE001 - a damaged probe file is one line, not a traceback
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+            raise DataError(f"{path}: unreadable probe file ({first}); re-run the experiment to record it again") from None
         for kind in order:
-            for name in json.loads(meta.get(kind, "[]")):
+            for name in names[kind]:
                 if name not in order[kind]:
                     order[kind].append(name)
     return probes, order

@@ -53,6 +53,18 @@ def is_path_field(field: Any) -> bool:
 SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.,=+\-]{0,119}"
 
 
+def check_folder_name(value: str, levels: int = 1) -> str:
+    """``value`` if it is 1..``levels`` safe folder names joined by '/', else ValueError saying why."""
+    parts = value.split("/")
+    if len(parts) > levels or not all(re.fullmatch(SEGMENT, p) for p in parts):
+        nesting = f" ('/' between at most {levels} levels)" if levels > 1 else " (no '/')"
+        raise ValueError(
+            f"{value!r} is not a safe folder name: letters, digits and _ . , = + - only, not starting with "
+            f"'.', '-' or ','{nesting}, at most 120 characters per level"
+        )
+    return value
+
+
 class Model(BaseModel):
     """Base for every config section: unknown keys are errors, types are not coerced."""
 
@@ -220,11 +232,8 @@ class ShiftConfig(Model):
 
 
 class RunConfig(Model):
-    experiment: str = Field(
-        "default", pattern=rf"^{SEGMENT}(/{SEGMENT}){{0,3}}$",
-        description="experiment folder below out_dir ('/'-separated names; no '.', '..' or hidden names)",
-    )
-    run_name: str | None = Field(None, pattern=rf"^{SEGMENT}$", description="run folder name; default: strategy name")
+    experiment: str = Field("default", description="experiment folder below out_dir (up to 4 '/'-separated safe names)")
+    run_name: str | None = Field(None, description="run folder name (one safe name); default: strategy name")
     seed: Seed = 0
     out_dir: str = Field("runs", min_length=1, description="root of all run directories ('~' expanded; relative to the working directory)")
     data_root: str | None = Field(None, description="default: $CL_DATA, else ~/.cache/cl/data")
@@ -247,12 +256,19 @@ class RunConfig(Model):
     def _expand_user(cls, value: str | None) -> str | None:
         return None if value is None else os.path.expanduser(value)
 
+    @field_validator("experiment")
+    @classmethod
+    def _safe_experiment(cls, value: str) -> str:
+        return check_folder_name(value, levels=4)
+
     @field_validator("run_name")
     @classmethod
-    def _not_reserved(cls, value: str | None) -> str | None:
-        if value is not None and re.fullmatch(r"seed\d+", value):
+    def _safe_run_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if re.fullmatch(r"seed\d+", value):
             raise ValueError(f"'{value}' looks like a seed folder; choose another run name")
-        return value
+        return check_folder_name(value)
 
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.experiment / self.name / f"seed{self.seed}"
@@ -397,8 +413,10 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 def parse_yaml_text(text: str, where: str) -> Any:
     """Parse YAML text with the strict loader; errors are ConfigError naming ``where``."""
+    loader = _StrictLoader(text)
+    loader.name = where  # marks (line numbers in errors) name the file, not "<unicode string>"
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+        return loader.get_single_data()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
@@ -406,6 +424,8 @@ def parse_yaml_text(text: str, where: str) -> Any:
         raise ConfigError(f"{at}: YAML syntax error: {problem}") from None
     except RecursionError:  # pragma: no cover - bounded by MAX_YAML_DEPTH; kept as a last resort
         raise ConfigError(f"{where}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

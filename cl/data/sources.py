@@ -388,6 +388,8 @@ class ImageFolderConfig(DatasetConfig):
             for label, cls in enumerate(classes):
                 folder = base / cls
                 files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+                if not files:  # every class needs train and test images, or its accuracy is undefined
+                    raise DataError(f"{folder}: class '{cls}' has no images in {split}/")
                 for path in files:
                     xs.append(read_image(path, mode, self.image_size, h))
                     ys.append(label)

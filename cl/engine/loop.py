@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,8 +127,46 @@ def prepare(cfg: RunConfig) -> Prepared:
         device=device, seed=cfg.seed, train=cfg.train,
     )
     strategy = create_strategy(cfg.strategy, ctx)
+    _check_batchnorm_batches(cfg, inputs)
+    if cfg.shift.enabled:
+        _check_probe_layers(cfg, inputs)
     setup = {**inputs.setup, "setup_time_s": time.perf_counter() - start}
     return Prepared(cfg, inputs.bench, inputs.images, inputs.backbone, strategy, device, setup)
+
+
+def _check_batchnorm_batches(cfg: RunConfig, inputs: Inputs) -> None:
+    """A BatchNorm layer cannot train on one sample: refuse settings that would feed it one."""
+    trains_bn = any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters())
+        for m in inputs.backbone.model.modules()
+    )
+    if not trains_bn:
+        return
+    name = inputs.backbone.name
+    if cfg.benchmark.scenario == "online" and cfg.benchmark.online.batch_size < 2:
+        raise ConfigError(f"benchmark.online.batch_size: 1 sample per step cannot train the BatchNorm layers of {name} (use >= 2 or freeze them)")
+    if cfg.benchmark.scenario != "online" and cfg.train.batch_size < 2:
+        raise ConfigError(f"train.batch_size: 1 sample per step cannot train the BatchNorm layers of {name} (use >= 2 or freeze them)")
+    small = [e.index for e in inputs.bench.experiences if len(e.train) < 2]
+    if small:
+        raise ConfigError(f"benchmark: experience {small[0]} has fewer than 2 training samples, too few to train the BatchNorm layers of {name}")
+
+
+def _check_probe_layers(cfg: RunConfig, inputs: Inputs) -> None:
+    """``shift.layers`` must name blocks of the backbone: checked on one dummy sample, before training."""
+    model = inputs.backbone.model
+    if not hasattr(model, "forward_intermediates"):
+        raise ConfigError(f"shift: {inputs.backbone.name} has no forward_intermediates; per-layer probes need it")
+    if cfg.shift.layers is None:
+        return
+    n = len(getattr(model, "feature_info", []) or [])
+    x = torch.zeros((1, *inputs.images.input_shape), device=next(model.parameters()).device)
+    try:
+        with torch.no_grad():
+            model.forward_intermediates(x, indices=cfg.shift.layers, intermediates_only=True)
+    except (AssertionError, IndexError, ValueError, RuntimeError, TypeError):
+        raise ConfigError(f"shift.layers: {cfg.shift.layers} is not a list of block indices of {inputs.backbone.name} "
+                          f"(it has {n} blocks: 0..{n - 1}, or negative from the end)") from None
 
 
 def _anytime_eval_set(bench: Benchmark, per_class: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +235,15 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop_a
 
 def _refuse_early(cfg: RunConfig, *, resume: bool, overwrite: bool) -> None:
     """What the config alone shows to be refused, before any data or backbone is loaded."""
-    check_ours(check_run_dir(cfg))
+    run_dir = check_run_dir(cfg)
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirError(f"{existing} is a file; out_dir must be a directory ({cfg.out_dir})")
+    if not os.access(existing, os.W_OK):
+        raise RunDirError(f"{existing} is not writable; choose another out_dir (--out)")
+    check_ours(run_dir)
     if overwrite:
         return
     state, diff = planned_state(cfg)
@@ -239,6 +286,8 @@ class _Loop:
             if ckpt.get("identity") != identity:
                 raise RunDirError(f"{run_dir}: the checkpoint belongs to another config, data or backbone; pass --overwrite to start again")
             self._restore(ckpt)
+            write_config(run_dir, self.cfg)  # the same result config; volatile keys as resumed
+            self._record_resume()
         else:
             write_config(run_dir, self.cfg)
             write_json(run_dir / "env.json", self._env())
@@ -260,6 +309,18 @@ class _Loop:
             "input_transform": self.prep.backbone.transform.to_dict(),
             "cached_features": self.strategy.ctx.cached_features,
         }
+
+    def _record_resume(self) -> None:
+        """env.json keeps the environment of the start and adds each resume's (code and packages may differ)."""
+        path = self.run_dir / "env.json"
+        try:
+            env = json.loads(path.read_text())
+            if not isinstance(env, dict):
+                raise ValueError("not an object")
+        except (OSError, ValueError):
+            env = {**self._env(), "note": "env.json was unreadable at resume and was written again"}
+        env.setdefault("resumes", []).append({"experience": self.next_exp, **environment_info(self.prep.device)})
+        write_json(path, env)
 
     def _checkpoint(self) -> None:
         if not self.cfg.train.checkpoint or not self.strategy.resumable:

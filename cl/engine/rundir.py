@@ -66,9 +66,9 @@ def _without_paths(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def result_config(cfg: RunConfig) -> dict[str, Any]:
-    """The resolved config without volatile keys and paths: what a result depends on."""
+    """The resolved config without volatile keys, paths and folder names: what a result depends on."""
     data = _without_paths(cfg, config_to_dict(cfg))
-    for key in VOLATILE_KEYS:
+    for key in (*VOLATILE_KEYS, "experiment", "run_name"):
         _drop(data, key)
     return data
 
@@ -288,8 +288,8 @@ def override_label(overrides: list[str], before: dict[str, Any]) -> str | None:
     if not parts:
         return None
     label = ",".join(parts)
-    if len(label) > 80:
-        label = label[:64] + "+h" + config_hash(sorted(chosen.items()))[:8]
+    if len(label) > 96:
+        label = label[:80] + "+h" + config_hash(sorted(chosen.items()))[:8]
     return label
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from cl.config import (
-    SEGMENT, ConfigError, Model, RunConfig, Seed, apply_overrides, config_hash, deep_merge, format_validation_error, load_yaml,
+    ConfigError, Model, RunConfig, Seed, apply_overrides, check_folder_name, config_hash, deep_merge, format_validation_error, load_yaml,
     parse_run_config, resolve_paths,
 )
 from cl.engine.rundir import name_run, planned_state
@@ -38,17 +38,27 @@ from cl.utils import write_json
 
 
 class SuiteEntry(Model):
-    name: str = Field(pattern=rf"^{SEGMENT}$")
+    name: str
     overrides: dict[str, Any] = Field(default_factory=dict, description="nested overrides of the run config")
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, value: str) -> str:
+        return check_folder_name(value)
 
 
 class SuiteConfig(Model):
-    suite: str = Field(pattern=rf"^{SEGMENT}$")
+    suite: str
     config: str = Field(description="base run config, relative to the suite file")
     overrides: dict[str, Any] = Field(default_factory=dict)
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     benchmarks: list[SuiteEntry] = Field(default_factory=list)
     strategies: list[SuiteEntry] = Field(min_length=1)
+
+    @field_validator("suite")
+    @classmethod
+    def _safe(cls, value: str) -> str:
+        return check_folder_name(value)
 
     @field_validator("seeds")
     @classmethod
@@ -150,7 +160,7 @@ def check_plan(planned: list[PlannedRun], overwrite: bool) -> None:
     if conflicts:
         run, diff = conflicts[0]
         more = f" (and {len(conflicts) - 1} more run{'s' * (len(conflicts) > 2)})" if len(conflicts) > 1 else ""
-        raise RunDirError(f"{run.cfg.run_dir()} holds a run of another config ({diff}){more}; pass --overwrite to replace them")
+        raise RunDirError(f"{run.cfg.run_dir()} holds a run of another config ({diff}){more}; pass --overwrite to replace {'them' if more else 'it'}")
 
 
 def execute(data: dict[str, Any], overwrite: bool = False, threads: int | None = None) -> dict[str, Any]:

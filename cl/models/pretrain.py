@@ -103,6 +103,13 @@ def train_supervised(
             loss_sum += loss.item() * len(yb)
             bar.update()
         history.append({"epoch": epoch, "loss": loss_sum / seen, "train_acc": correct / seen})
+        # A finite but exploded loss is divergence too: cross-entropy at chance is ln(C), and no
+        # healthy epoch averages a hundred times that.
+        if loss_sum / seen > 100 * max(math.log(n_classes), 1.0):
+            raise TrainingDiverged(
+                f"pretraining diverged (mean loss {loss_sum / seen:.3g} in epoch {epoch}, chance is {math.log(n_classes):.2f}); "
+                f"lower backbone.weights.pretrain.lr (now {pcfg.lr}). Nothing was cached"
+            )
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
     bar.close()
     model.eval()
