@@ -84,6 +84,12 @@ def test_a_sweep_with_set_overrides_runs_in_its_own_directories(tmp: Path, share
     assert f"run              {tmp / 'runs' / 's' / 'er,train.epochs=1' / 'seed0'}" in out
     assert "ncm,train.epochs=1" in out and "progress" not in out  # volatile keys do not rename
     assert not (tmp / "runs").exists()  # a dry run writes nothing
+    assert cli(capsys, "sweep", str(path), "--set", "train.epochs=1")[0] == 0
+    assert cli(capsys, "sweep", str(path))[0] == 0  # the suite as written: its own runs and report
+    root = tmp / "runs" / "s"
+    assert (root / "summary.md").is_file() and (root / "report,train.epochs=1" / "summary.md").is_file()
+    assert "er,train.epochs=1" in (root / "report,train.epochs=1" / "summary.md").read_text()
+    assert "er,train.epochs=1" not in (root / "summary.md").read_text()
 
 
 # ---- 2. --resume never mixes configs, data or weights ---------------------------------------------

@@ -32,7 +32,7 @@ from cl.config import (
     ConfigError, Model, RunConfig, Seed, apply_overrides, check_folder_name, config_hash, deep_merge, format_validation_error, load_yaml,
     parse_run_config, resolve_paths,
 )
-from cl.engine.rundir import name_run, planned_state
+from cl.engine.rundir import name_run, override_label, planned_state
 from cl.errors import RunDirError, UserError
 from cl.utils import write_json
 
@@ -331,7 +331,8 @@ def run_suite(
     executor: str = "local",
     ray_address: str | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
-    """Plan, warm shared caches, execute, then write the comparison report to ``<out>/<suite>/``."""
+    """Plan, warm shared caches, execute, then write the comparison report to ``<out>/<suite>/``
+    (``<out>/<suite>/report,<overrides>/`` when ``--set`` overrides change results)."""
     from analysis.report import RunRecord, write_report
 
     suite, planned = plan_suite(path, cli_overrides, out_dir)
@@ -342,11 +343,14 @@ def run_suite(
     else:
         outcomes = run_local(planned, jobs, overwrite)
     root = Path(planned[0].cfg.out_dir) / suite.suite
+    label = override_label(cli_overrides or [], {})
+    if label is not None:  # a sweep with --set overrides reports beside the suite's own report, not over it
+        root = root / f"report,{label}"
     write_json(root / "outcomes.json", [{k: v for k, v in o.items() if k != "metrics"} for o in outcomes])
     records = [
         RunRecord(Path(o["run_dir"]), o["experiment"], o["run"], o["seed"], o["metrics"],
                   "finished" if o["ok"] else "failed", o["error"])
         for o in outcomes
     ]
-    text = write_report(records, root, title=suite.suite)
+    text = write_report(records, root, title=suite.suite if label is None else f"{suite.suite} with {label}")
     return text, outcomes
