@@ -32,6 +32,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from analysis.metrics import incremental_accs
+from cl.config import PLACEMENT_KEYS, VOLATILE_KEYS, flatten
 
 # (column title, metrics key, scale, format)
 HEADLINE = [
@@ -59,11 +60,6 @@ class RunRecord:
     config: dict[str, Any] | None = None  # what the result depends on, without seed and placement
 
 
-# config keys that place a run rather than describe it (compare groups runs that differ only in these)
-_PLACEMENT = ("experiment", "run_name", "seed")
-_VOLATILE = ("progress", "out_dir", "data_root", "cache_dir", "num_threads")
-
-
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -81,14 +77,14 @@ def _run_config(run_dir: Path) -> dict[str, Any] | None:
     elif (run_dir / "config.yaml").is_file():
         config = _read_yaml(run_dir / "config.yaml")
         if isinstance(config, dict):
-            config = {k: v for k, v in config.items() if k not in _VOLATILE}
+            config = {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
     if not isinstance(config, dict):
         return None
-    return {k: v for k, v in config.items() if k not in _PLACEMENT}
+    return {k: v for k, v in config.items() if k not in PLACEMENT_KEYS}  # compare pools what differs only in these
 
 
 def _read_yaml(path: Path) -> Any:
-    from cl.config import parse_yaml_text  # bounded: a hostile file is an error, not a hang
+    from cl.yamlio import parse_yaml_text  # bounded: a hostile file is an error, not a hang
 
     return parse_yaml_text(path.read_text(encoding="utf-8"), str(path))
 
@@ -260,20 +256,11 @@ def _config_key(rec: RunRecord) -> str | None:
     return hashlib.sha256(json.dumps(rec.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict) or (prefix and not data):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def _labels(configs: dict[str | None, dict[str, Any] | None], name: str) -> dict[str | None, str]:
     """A row label per config of one run name: the name plus the keys in which the configs differ."""
     if len(configs) < 2:
         return {key: name for key in configs}
-    flats = {key: _flat(cfg or {}) for key, cfg in configs.items()}
+    flats = {key: flatten(cfg or {}) for key, cfg in configs.items()}
     keys = sorted({k for f in flats.values() for k in f if len({json.dumps(g.get(k), default=str) for g in flats.values()}) > 1})
     labels = {}
     for key, flat in flats.items():

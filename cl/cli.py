@@ -104,7 +104,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _dry_run(cfg: RunConfig, args: argparse.Namespace) -> int:
-    from cl.config import config_to_dict, yaml_text
+    from cl.config import config_to_dict
+    from cl.yamlio import yaml_text
     from cl.engine.loop import _refuse_early
     from cl.engine.rundir import planned_state
 

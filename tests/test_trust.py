@@ -622,7 +622,8 @@ def test_hostile_yaml_is_one_line_within_seconds(tmp: Path, capsys, case, text, 
 
 
 def test_yaml_12_floats_are_accepted():
-    from cl.config import apply_overrides, parse_yaml_text
+    from cl.config import apply_overrides
+    from cl.yamlio import parse_yaml_text
 
     assert apply_overrides({}, ["strategy.lr=1e-3", "a.b=-2E+4", "a.c=5"]) == {"strategy": {"lr": 0.001}, "a": {"b": -20000.0, "c": 5}}
     assert parse_yaml_text("x: 1e-3\ny: '1e-3'\n", "t") == {"x": 0.001, "y": "1e-3"}

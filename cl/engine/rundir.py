@@ -27,7 +27,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from cl.config import RunConfig, check_run_dir, config_hash, config_to_dict, is_path_field, parse_override, yaml_text
+from cl.config import (
+    PLACEMENT_KEYS, VOLATILE_KEYS, RunConfig, check_run_dir, config_hash, config_to_dict, flatten, is_path_field, parse_override,
+)
+from cl.yamlio import yaml_text
 from cl.errors import RunDirError
 from cl.utils import atomic_write_text
 
@@ -35,12 +38,6 @@ MARKER = "run.json"
 LOCK = ".lock"
 FORMAT = 1
 
-# Keys that cannot change a result: a run may be reused or resumed with other values, and --set on
-# them does not rename the run. Paths (data roots, weights files) are identified by content instead:
-# the data fingerprint and the weights checksum are part of the identity.
-VOLATILE_KEYS = ("progress", "out_dir", "data_root", "cache_dir", "num_threads", "train.checkpoint")
-# Keys that place the run directory rather than describe the run.
-PLACEMENT_KEYS = ("experiment", "run_name", "seed")
 
 
 # ---- identity -------------------------------------------------------------------------------
@@ -80,16 +77,6 @@ def result_hash(cfg: RunConfig) -> str:
 def run_identity(cfg: RunConfig, data_fingerprint: str, weights_sha256: str | None) -> dict[str, Any]:
     """What a run's numbers are a function of: config, data bytes, backbone weights."""
     return {"config": result_hash(cfg), "data": data_fingerprint, "weights": weights_sha256}
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists are leaves."""
-    if not isinstance(data, dict) or (prefix and not data):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def _short(value: Any) -> str:
