@@ -106,11 +106,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _dry_run(cfg: RunConfig, args: argparse.Namespace) -> int:
     from cl.config import config_to_dict
     from cl.yamlio import yaml_text
-    from cl.engine.loop import _refuse_early
-    from cl.engine.rundir import planned_state
+    from cl.engine.rundir import check_before_run, planned_state
 
     print(yaml_text(config_to_dict(cfg)).rstrip())
-    _refuse_early(cfg, resume=args.resume, overwrite=args.overwrite)  # the same refusals as the real run
+    check_before_run(cfg, resume=args.resume, overwrite=args.overwrite)  # the same refusals as the real run
     state, _ = planned_state(cfg)
     action = {"new": "run", "finished": "report the finished run", "unfinished": "resume" if args.resume else "refuse (unfinished; --resume or --overwrite)"}[state]
     print(f"# run directory: {cfg.run_dir()} -> {'run (overwrite)' if args.overwrite else action}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +36,11 @@ from cl.data.benchmark import Benchmark, Experience, Split, build_benchmark
 from cl.engine.checkpoint import load_checkpoint, save_checkpoint
 from cl.engine.evaluate import EvalRow, accuracy_on_classes, evaluate
 from cl.engine.probes import ProbeRecorder
-from cl.engine.rundir import JsonlLog, check_ours, open_run_dir, planned_state, run_identity, write_config
+from cl.engine.rundir import JsonlLog, check_before_run, open_run_dir, run_identity, write_config
 from cl.models.backbone import Backbone, check_input, create_backbone
 from cl.models.features import cached_features
 from cl.models.pretrain import get_pretrained
 from cl.registry import STRATEGIES
-from cl.config import check_run_dir
 from cl.errors import ConfigError, RunDirError, TrainingDiverged, UserError
 from cl.utils import environment_info, peak_rss_mb, resolve_device, seed_everything, write_json
 from strategies.base import Strategy, StrategyContext, create_strategy
@@ -221,7 +219,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop_a
         raise UserError(f"--stop-after must be >= 1, got {stop_after}")
     if stop_after is not None and not cfg.train.checkpoint:
         raise ConfigError("--stop-after needs train.checkpoint: true (there would be nothing to resume from)")
-    _refuse_early(cfg, resume=resume, overwrite=overwrite)
+    check_before_run(cfg, resume=resume, overwrite=overwrite)
     prep = prepare(cfg)  # every input error surfaces here, before the run directory exists
     identity = run_identity(cfg, prep.images.source.fingerprint, prep.backbone.weights.get("sha256"))
     opened = open_run_dir(cfg, identity, resume=resume, overwrite=overwrite)
@@ -231,27 +229,6 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop_a
         return _Loop(prep, opened.path, identity, resume=opened.mode == "resume").run(stop_after)
     finally:
         opened.lock.release()
-
-
-def _refuse_early(cfg: RunConfig, *, resume: bool, overwrite: bool) -> None:
-    """What the config alone shows to be refused, before any data or backbone is loaded."""
-    run_dir = check_run_dir(cfg)
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise RunDirError(f"{existing} is a file; out_dir must be a directory ({cfg.out_dir})")
-    if not os.access(existing, os.W_OK):
-        raise RunDirError(f"{existing} is not writable; choose another out_dir (--out)")
-    check_ours(run_dir)
-    if overwrite:
-        return
-    state, diff = planned_state(cfg)
-    if state == "conflict":
-        kind = "finished" if (cfg.run_dir() / "metrics.json").is_file() else "unfinished"
-        raise RunDirError(f"{cfg.run_dir()} holds {'a' if kind == 'finished' else 'an'} {kind} run of another config ({diff}); pass --overwrite to replace it")
-    if state == "finished" and not resume:
-        raise RunDirError(f"{cfg.run_dir()} holds a finished run of this config; --resume reports it, --overwrite replaces it")
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:

@@ -143,6 +143,35 @@ def check_ours(run_dir: Path) -> None:
         )
 
 
+def _another_config(run_dir: Path, diff: str) -> RunDirError:
+    kind = "a finished" if is_finished(run_dir) else "an unfinished"
+    return RunDirError(f"{run_dir} holds {kind} run of another config ({diff}); pass --overwrite to replace it")
+
+
+def _already_finished(run_dir: Path) -> RunDirError:
+    return RunDirError(f"{run_dir} holds a finished run of this config; --resume reports it, --overwrite replaces it")
+
+
+def check_before_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> None:
+    """Refuse what the config alone shows to be refused, before any data or backbone is loaded."""
+    run_dir = check_run_dir(cfg)
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirError(f"{existing} is a file; out_dir must be a directory ({cfg.out_dir})")
+    if not os.access(existing, os.W_OK):
+        raise RunDirError(f"{existing} is not writable; choose another out_dir (--out)")
+    check_ours(run_dir)
+    if overwrite:
+        return
+    state, diff = planned_state(cfg)
+    if state == "conflict":
+        raise _another_config(run_dir, diff or "")
+    if state == "finished" and not resume:
+        raise _already_finished(run_dir)
+
+
 def planned_state(cfg: RunConfig) -> tuple[str, str | None]:
     """What a run would do with its directory, from the config alone (no data or weights loaded).
 
@@ -219,13 +248,11 @@ def open_run_dir(cfg: RunConfig, identity: dict[str, Any], *, resume: bool, over
         marker = None if overwrite else read_marker(run_dir)
         if marker is not None:
             diff = identity_diff(marker, identity, config)
-            finished = is_finished(run_dir)
-            kind = "finished" if finished else "unfinished"
             if diff:
-                raise RunDirError(f"{run_dir} holds {'a' if finished else 'an'} {kind} run of another config ({diff}); pass --overwrite to replace it")
-            if finished:
+                raise _another_config(run_dir, diff)
+            if is_finished(run_dir):
                 if not resume:
-                    raise RunDirError(f"{run_dir} holds a finished run of this config; --resume reports it, --overwrite replaces it")
+                    raise _already_finished(run_dir)
                 return OpenRun(run_dir, "finished", lock)
             if any((run_dir / "ckpt").glob("*.pt")):
                 if not resume:
