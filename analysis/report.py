@@ -447,8 +447,13 @@ def _cka_curves(records: Sequence[RunRecord]) -> dict[str, list[float]] | None:
 
 def write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str = "Comparison") -> str:
     """All tables, plots and the HTML report for ``records``; returns a plain-text summary."""
+    from cl.errors import UserError
+    from cl.utils import atomic_write_text
+
     out = Path(out_dir)
     plots = out / "plots"
+    if plots.is_symlink():  # every file below is written by replacing, never through, a symlink
+        raise UserError(f"{plots} is a symlink; refusing to write the report through it")
     plots.mkdir(parents=True, exist_ok=True)
     groups = group_runs(records)
     texts, md, html_parts = [], [f"# {title}\n"], [f"<h1>{html.escape(title)}</h1>"]
@@ -470,11 +475,11 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str =
         for caption, path in _experiment_plots(experiment, runs, plots):
             md.append(f"\n![{caption}](plots/{path.name})\n")
             html_parts.append(f"<h3>{html.escape(caption)}</h3><img src='{_png_data(path)}' style='max-width:100%'>")
-    (out / "summary.md").write_text("".join(md))
+    atomic_write_text(out / "summary.md", "".join(md))
     _write_csv(out / "summary.csv", ["experiment"] + (headline_table(next(iter(groups.values())), ci=True)[0] if groups else []), csv_rows)
     _write_csv(out / "metrics_long.csv", ["experiment", "run", "metric", "n", "mean", "std", "ci95_low", "ci95_high"], long_rows)
     style = "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
-    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>" + "".join(html_parts) + "</body></html>\n")
+    atomic_write_text(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>" + "".join(html_parts) + "</body></html>\n")
     return "\n\n".join(texts) + f"\n\n(report: {out / 'report.html'})"
 
 
@@ -485,8 +490,10 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from cl.utils import atomic_write_text
+
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header)
     writer.writerows(rows)
-    path.write_text(buf.getvalue())
+    atomic_write_text(path, buf.getvalue())

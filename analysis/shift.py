@@ -282,29 +282,34 @@ def _fmt(v: float | None, scale: float = 1.0, digits: int = 3) -> str:
 def analyse_run(run_dir: Any, debiased: bool = False, kernel: str = "linear", out: Any = None) -> dict[str, Any]:
     """Tables (CSV, Markdown, JSON) and plots of a run's saved probes, in ``<run_dir>/shift/``."""
     import csv
+    import io
     import json
     from pathlib import Path
 
     from analysis.plots import bn_error_by_layer, cka_by_layer, cka_over_experiences
+    from cl.errors import UserError
 
     run_dir = Path(run_dir)
     probes, order = load_probes(run_dir)
     if not probes:
-        from cl.errors import UserError
-
         raise UserError(f"{run_dir}: no probes saved (run with shift.enabled: true)")
     tables = shift_tables(probes, debiased=debiased, kernel=kernel)
     summary = summarize_shift(tables, order)
     summary.update(kernel=kernel, debiased=debiased)
+    from cl.utils import atomic_write_text
+
     out = Path(out) if out else run_dir / "shift"
+    if (out.is_symlink() and not out.exists()) or (out / "plots").is_symlink():
+        raise UserError(f"{out}: a symlink in the output path; refusing to write through it")
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in tables.items():
-        if rows:
-            with open(out / f"{name}.csv", "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-    (out / "shift.json").write_text(json.dumps(summary, indent=2))
+        if rows:  # files are replaced, never written through a planted symlink
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+            atomic_write_text(out / f"{name}.csv", buf.getvalue())
+    atomic_write_text(out / "shift.json", json.dumps(summary, indent=2))
     lines = [
         f"# Representational shift: {run_dir}",
         "",
@@ -334,7 +339,7 @@ def analyse_run(run_dir: Any, debiased: bool = False, kernel: str = "linear", ou
             lines += ["", "| mean over layers | " + " | ".join(["used"] + variants) + " |", "|---|" + "---|" * (len(variants) + 1),
                       "| old tasks | " + " | ".join(_fmt(_mean([v["old_tasks"] for v in summary["bn"].values()])) for _ in [0])
                       + "".join(f" | {_fmt(_mean(list(summary['bn_variants'][var].values())))}" for var in variants) + " |"]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
     title = f"{run_dir.parent.parent.name} / {run_dir.parent.name} / {run_dir.name}"
     cka_over_experiences(tables["cka"], order["feat"], out / "cka_task1.png", title)
     cka_by_layer(summary, out / "cka_by_layer.png", title)

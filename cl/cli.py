@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NoReturn, Sequence
 
 from cl.errors import TrainingDiverged, UserError
 from cl.registry import UnknownNameError
@@ -26,9 +28,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="root directory of run outputs (config key out_dir)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one line, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(_one_line(f"error: {self.prog}: {message} (see {self.prog} --help)"), file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cl", description="Continual learning on pretrained timm backbones.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="cl", description="Continual learning on pretrained timm backbones.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", help="run one experiment config")
     p.add_argument("config")
@@ -117,15 +127,19 @@ def _dry_run(cfg: RunConfig, args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from cl.engine.sweep import check_plan, plan_states, plan_suite, run_suite
+    from cl.engine.rundir import check_report_dir
+    from cl.engine.sweep import check_plan, check_ray_address, plan_states, plan_suite, report_dir, run_suite
 
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     if args.dry_run:
-        _, planned = plan_suite(args.suite, args.overrides, args.out)
-        for run, (state, diff) in zip(planned, plan_states(planned, args.overwrite)):
-            print(f"{state:<16} {run.cfg.run_dir()}" + (f"  ({diff})" if diff else ""))
+        suite, planned = plan_suite(args.suite, args.overrides, args.out)
+        for run, (state, why) in zip(planned, plan_states(planned, args.overwrite)):
+            print(f"{state:<16} {run.cfg.run_dir()}" + (f"  ({why})" if why else ""))
         check_plan(planned, args.overwrite)
+        check_report_dir(report_dir(suite, planned, args.overrides), planned[0].cfg.out_dir)
+        if args.executor == "ray":
+            check_ray_address(args.ray_address)
         return 0
     text, outcomes = run_suite(args.suite, args.overrides, args.out, overwrite=args.overwrite,
                                jobs=args.jobs, executor=args.executor, ray_address=args.ray_address)
@@ -139,6 +153,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from analysis.report import discover_runs, write_report
 
+    if not args.out.strip():
+        raise UserError("--out: give a directory for the report")
     records = discover_runs(args.paths)
     if not records:
         raise UserError(f"no run directories found under {', '.join(args.paths)}")
@@ -193,29 +209,65 @@ COMMANDS = {
 }
 
 
+def _one_line(text: str) -> str:
+    """Control characters (a newline in a path or key) shown escaped, so a message stays one line."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
-    return f"warning: {message}\n"
+    return _one_line(f"warning: {message}") + "\n"
+
+
+class Terminated(BaseException):
+    """SIGTERM: unwind like Ctrl-C (locks released, temporary files removed, atexit handlers run)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    text = str(err)
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and ("allocate" in text and "memory" in text))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message="no QP solver found")
     warnings.formatwarning = _one_line_warning
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return _dispatch(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+
+    def fail(message: str, code: int = 2) -> int:
+        print(_one_line(f"error: {message}"), file=sys.stderr)
+        return code
+
     try:
         return COMMANDS[args.command](args)
     except (UserError, UnknownNameError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err))
     except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return fail(str(err), 1)
     except OSError as err:  # a full disk, a read-only or missing directory: the environment, not a bug
         where = f": {err.filename}" if err.filename else ""
-        print(f"error: {err.strerror or type(err).__name__}{where}", file=sys.stderr)
-        return 2
+        return fail(f"{err.strerror or type(err).__name__}{where}")
+    except (MemoryError, RuntimeError) as err:
+        if not _is_out_of_memory(err):
+            raise
+        return fail("out of memory: a size in the config (samples, image size, dimensions) is too large for this machine")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

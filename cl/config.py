@@ -75,7 +75,7 @@ def check_folder_name(value: str, levels: int = 1) -> str:
 class Model(BaseModel):
     """Base for every config section: unknown keys are errors, types are not coerced."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
 
 
 class Polymorphic:
@@ -363,34 +363,62 @@ def resolve_paths(raw: Any, base_dir: Path, model: type[BaseModel] | None = None
     return out
 
 
-def load_yaml(path: str | Path, _chain: tuple[Path, ...] = (), *, run_config: bool = True) -> dict[str, Any]:
+MAX_BASE_FILES = 64
+
+
+def load_yaml(path: str | Path, *, run_config: bool = True) -> dict[str, Any]:
     """Load a YAML file, resolving ``base:`` (a path relative to the file, or a list of them).
 
     Top-level keys starting with ``x-`` are dropped: they only hold YAML anchors (``x-opt: &opt ...``).
-    Relative paths under path keys (see :func:`resolve_paths`) are made absolute against the
-    directory of the file that wrote them, like ``base:`` itself; pass ``run_config=False`` for
-    files that are not run configs (suites).
+    Relative paths are made absolute against the directory of the file that wrote them, like
+    ``base:`` itself: in a run config the path keys (see :func:`resolve_paths`); in a suite
+    (``run_config=False``) its ``config:`` and the path keys of its overrides.
     """
-    path = Path(path).expanduser().resolve()
-    if path in _chain:
-        cycle = " -> ".join(p.name for p in (*_chain, path))
+    return _load_yaml(Path(path), (), {}, run_config)
+
+
+def _load_yaml(path: Path, chain: tuple[Path, ...], loaded: dict[Path, dict[str, Any]], run_config: bool) -> dict[str, Any]:
+    path = path.expanduser().resolve()
+    if path in chain:
+        cycle = " -> ".join(p.name for p in (*chain, path))
         raise ConfigError(f"'base' inheritance cycle: {cycle}")
-    if len(_chain) > 32:
-        raise ConfigError(f"{path}: 'base' chain longer than 32 files")
+    if path in loaded:  # a diamond: each file is read once
+        return loaded[path]
+    if len(loaded) + len(chain) >= MAX_BASE_FILES:  # files read, and files waiting for their bases
+        raise ConfigError(f"{path}: 'base' inheritance reaches more than {MAX_BASE_FILES} files")
     data = {k: v for k, v in read_yaml(path).items() if not k.startswith("x-")}
-    if run_config:
-        data = resolve_paths(data, path.parent)
+    data = resolve_paths(data, path.parent) if run_config else _resolve_suite_paths(data, path.parent)
     bases = data.pop("base", None)
-    if bases is None:
-        return data
-    if isinstance(bases, str):
-        bases = [bases]
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"{path}: 'base' must be a path or a list of paths")
-    merged: dict[str, Any] = {}
-    for base in bases:
-        merged = deep_merge(merged, load_yaml(path.parent / os.path.expanduser(base), (*_chain, path), run_config=run_config))
-    return deep_merge(merged, data)
+    if bases is not None:
+        if isinstance(bases, str):
+            bases = [bases]
+        if not isinstance(bases, list) or not bases or not all(isinstance(b, str) and b.strip() for b in bases):
+            raise ConfigError(f"{path}: 'base' must be a path or a list of paths")
+        merged: dict[str, Any] = {}
+        for base in bases:
+            merged = deep_merge(merged, _load_yaml(path.parent / os.path.expanduser(base), (*chain, path), loaded, run_config))
+        data = deep_merge(merged, data)
+    loaded[path] = data
+    return data
+
+
+def _resolve_suite_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """A suite's ``config:`` and the path keys of its overrides, made absolute against ``base_dir``."""
+    out = dict(data)
+    if isinstance(out.get("config"), str):
+        out["config"] = _absolute(out["config"], base_dir)
+    if isinstance(out.get("overrides"), dict):
+        out["overrides"] = resolve_paths(out["overrides"], base_dir)
+    for kind in ("benchmarks", "strategies"):
+        if isinstance(out.get(kind), list):
+            out[kind] = [
+                {**e, "overrides": resolve_paths(e["overrides"], base_dir)} if isinstance(e, dict) and isinstance(e.get("overrides"), dict) else e
+                for e in out[kind]
+            ]
+    return out
+
+
+KEY_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -398,7 +426,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     keys = key.strip().split(".")
     if not sep or not key.strip() or any(not part for part in keys):
-        raise ConfigError(f"--set expects key.path=value, got '{text}'")
+        raise ConfigError(f"--set expects key.path=value, got {text[:60]!r}")
+    if len(keys) > 16 or not all(KEY_PART.fullmatch(k) for k in keys):
+        raise ConfigError(f"--set {key[:60]!r}: a key path is up to 16 names of letters, digits, '_' and '-', joined by '.'")
     if not raw.strip():
         return keys, None
     try:

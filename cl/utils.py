@@ -99,8 +99,9 @@ def load_error_summary(err: BaseException) -> str:
     text = str(err)
     if "Weights only load failed" in text:
         match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        what = f" ({match.group(1)})" if match else ""
-        return f"refused: loading it would run code{what}"
+        if match:
+            return f"refused: loading it would run code ({match.group(1)})"
+        return "not a readable PyTorch file"
     if "failed finding central directory" in text or "PytorchStreamReader" in text:
         return "truncated or not a PyTorch file"
     first = (text.strip().splitlines() or [type(err).__name__])[0]

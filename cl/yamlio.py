@@ -20,6 +20,7 @@ from cl.errors import ConfigError
 # of a hang or a RecursionError in later copying, hashing and error formatting.
 MAX_YAML_DEPTH = 64
 MAX_YAML_NODES = 100_000
+MAX_YAML_BYTES = 1_000_000
 
 # YAML 1.2 floats: PyYAML follows YAML 1.1, where ``1e-3`` (no dot) is a string. Researchers write
 # learning rates that way, so it is read as the float it means.
@@ -31,6 +32,10 @@ _FLOAT_12 = re.compile(
     |\.(?:nan|NaN|NAN))$""",
     re.X,
 )
+
+
+# YAML 1.2 integers (PyYAML's 1.1 rules read ``010`` as octal 8 and ``1:30`` as 90).
+_INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$")
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -65,9 +70,10 @@ class _StrictLoader(yaml.SafeLoader):
 # Replace PyYAML 1.1's float rule by the 1.2 one (only on our loader: add_implicit_resolver copies the
 # table on first use in a subclass).
 _StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:int", _INT_12, list("-+0123456789"))
 _StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
 
 
@@ -120,15 +126,25 @@ def _check_expanded_size(root: yaml.Node) -> None:
         stack.extend((c, False) for c in children if id(c) not in size)
 
 
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
-            continue
+def _check_keys(loader: _StrictLoader, node: yaml.MappingNode, checked: set[int]) -> None:
+    """String keys, no duplicates: in ``node`` and in every mapping it merges (``<<:``), which PyYAML
+    folds in as raw nodes without constructing them."""
+    if id(node) in checked:
+        return
+    checked.add(id(node))
+    seen: set[str] = set()
+    for key_node, value_node in node.value:
         mark = key_node.start_mark
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for sub in merged:
+                if not isinstance(sub, yaml.MappingNode):
+                    raise ConfigError(f"{mark.name}:{mark.line + 1}: '<<' merges mappings only")
+                _check_keys(loader, sub, checked)
+            continue
         if not isinstance(key_node, yaml.ScalarNode):
             raise ConfigError(f"{mark.name}:{mark.line + 1}: a key must be a plain name, not a {key_node.id}")
-        key = loader.construct_object(key_node, deep=deep)
+        key = loader.construct_object(key_node, deep=False)
         if isinstance(key, bool):  # YAML 1.1 reads on/off/yes/no keys as booleans
             raise ConfigError(f"{mark.name}:{mark.line + 1}: key '{key_node.value}' is read as a boolean by YAML; quote it")
         if not isinstance(key, str):
@@ -136,17 +152,37 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
         if key in seen:
             raise ConfigError(f"{mark.name}:{mark.line + 1}: duplicate key '{key}'")
         seen.add(key)
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    _check_keys(loader, node, set())
     return loader.construct_mapping(node, deep=deep)
 
 
+def _construct_int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
+    """YAML 1.2 integers: ``010`` is ten (not octal eight); ``0o10`` and ``0x10`` are explicit."""
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    text = text.lstrip("+-")
+    if text.startswith(("0x", "0X")):
+        return sign * int(text[2:], 16)
+    if text.startswith(("0o", "0O")):
+        return sign * int(text[2:], 8)
+    return sign * int(text, 10)
+
+
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def parse_yaml_text(text: str, where: str) -> Any:
     """Parse YAML text with the strict loader; errors are ConfigError naming ``where``."""
-    loader = _StrictLoader(text)
-    loader.name = where  # marks (line numbers in errors) name the file, not "<unicode string>"
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: {len(text):,} characters; a config is at most {MAX_YAML_BYTES:,}")
+    loader = None
     try:
+        loader = _StrictLoader(text)  # the reader rejects control characters here
+        loader.name = where  # marks (line numbers in errors) name the file, not "<unicode string>"
         return loader.get_single_data()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
@@ -156,12 +192,15 @@ def parse_yaml_text(text: str, where: str) -> Any:
     except RecursionError:  # pragma: no cover - bounded by MAX_YAML_DEPTH; kept as a last resort
         raise ConfigError(f"{where}: YAML nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Parse one YAML file (no inheritance) into a dict, with errors as ConfigError."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a config file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

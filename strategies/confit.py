@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Any, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import torch
 from pydantic import Field
@@ -44,7 +44,7 @@ class ConFiTConfig(OptimConfig):
     momentum: float = Field(0.0, ge=0, lt=1, description="the official code uses plain SGD")
     bn: Literal["shared", "per_task", "xconv", "xconv_spatial", "frozen"] = Field("xconv", description="how BatchNorm is handled across tasks")
     schedule: Literal["hierarchical", "flat"] = "hierarchical"
-    stage_fractions: list[float] = Field(
+    stage_fractions: list[Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=lambda: [0.2, 0.5], min_length=2, max_length=2,
         description="stage boundaries as fractions of the epochs: classifier until floor(E*a), + BN affine until floor(E*b)",
     )

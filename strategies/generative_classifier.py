@@ -20,7 +20,7 @@ each unverified choice a config option:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ class GenerativeClassifierConfig(OptimConfig):
     memory_size: int = Field(500, ge=1)
     replay_batch_size: int = Field(10, ge=1, description="memory samples joined to each stream batch")
     iterations: int = Field(1, ge=1, description="optimisation steps per stream batch")
-    hidden_dims: list[int] = Field(default_factory=lambda: [256], description="projection MLP hidden sizes")
+    hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [256], description="projection MLP hidden sizes")
     embedding_dim: int = Field(128, ge=2)
     ms_alpha: float = Field(2.0, gt=0, description="MS scale_pos")
     ms_beta: float = Field(40.0, gt=0, description="MS scale_neg")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
-from torch import nn
+from torch import Tensor, nn
 
 from cl.data.benchmark import Experience
 from cl.registry import STRATEGIES
@@ -31,3 +32,10 @@ class Joint(Finetune):
         if self.cfg.reinit:  # type: ignore[attr-defined]
             self.head = nn.Linear(self.ctx.feature_dim, self.ctx.n_classes).to(self.device)
         super().before_experience(exp)
+
+    def observe(self, x: Tensor, y: Tensor, task_id: int) -> dict[str, float]:
+        # Cumulative batches mix the tasks seen so far: each sample's task follows from its label
+        # (masking old samples to the current task's classes would make their loss infinite).
+        ends = torch.tensor([self.task_ranges[t][1] for t in sorted(self.task_ranges)])
+        tasks = torch.searchsorted(ends, y.cpu(), right=True)
+        return {"loss": float(self.step(x, y, tasks))}

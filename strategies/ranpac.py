@@ -14,7 +14,7 @@ on the remaining 20%, over a log grid. (The paper's optional first-session PETL 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -29,7 +29,9 @@ from strategies.base import Strategy, StrategyContext
 class RanPACConfig(StrategyConfig):
     name: Literal["ranpac"] = "ranpac"
     projection_dim: int = Field(10000, ge=0, description="M; 0 = ridge regression on the raw features")
-    ridge_grid: list[float] = Field(default_factory=lambda: [10.0**k for k in range(-8, 14)], min_length=1)
+    ridge_grid: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [10.0**k for k in range(-8, 14)], min_length=1, description="candidate ridge strengths λ > 0"
+    )
     val_fraction: float = Field(0.2, gt=0, lt=1)
 
 

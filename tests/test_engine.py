@@ -52,7 +52,7 @@ def test_finished_run_is_not_overwritten(tmp: Path, shared_cache: Path, capsys):
     stamp = metrics.stat().st_mtime_ns
     capsys.readouterr()
     assert main(["run", str(path)]) == 2
-    assert "holds a finished run of this config; --resume reports it, --overwrite replaces it" in capsys.readouterr().err
+    assert "holds a finished run; --resume reports it (if config, data and weights match), --overwrite replaces it" in capsys.readouterr().err
     assert metrics.stat().st_mtime_ns == stamp
     assert main(["run", str(path), "--overwrite"]) == 0
 

@@ -67,10 +67,10 @@ def test_an_edited_suite_is_refused_not_reused_then_overwrite_reruns(tmp: Path, 
     before = metrics.read_bytes()
     _suite(tmp, shared_cache, 5.0, 100)
     code, _, err = cli(capsys, "sweep", str(path))
-    one_line_error(code, err, "holds a run of another config (strategy.lr: 0.01 -> 5.0; strategy.memory_size: 20 -> 100); pass --overwrite to replace it")
+    one_line_error(code, err, "holds a finished run of another config (strategy.lr: 0.01 -> 5.0; strategy.memory_size: 20 -> 100); pass --overwrite to replace it")
     assert metrics.read_bytes() == before
     code, out, _ = cli(capsys, "sweep", str(path), "--dry-run")
-    assert code == 2 and "conflict" in out and "reuse" in out  # ncm is unchanged: it would be reused
+    assert code == 2 and "refuse" in out and "reuse" in out  # ncm is unchanged: it would be reused
     assert cli(capsys, "sweep", str(path), "--overwrite")[0] == 0
     saved = yaml.safe_load((metrics.parent / "config.yaml").read_text())
     assert saved["strategy"]["lr"] == 5.0 and saved["strategy"]["memory_size"] == 100
@@ -136,7 +136,7 @@ def test_the_checkpoint_identity_is_verified(tmp: Path, shared_cache: Path, caps
 
     prep = prepare(other)
     marker = json.loads((run_dir / "run.json").read_text())
-    marker["identity"] = run_identity(other, prep.images.source.fingerprint, prep.backbone.weights["sha256"])
+    marker["identity"] = run_identity(other, prep.images.content_sha256(), prep.backbone.weights["sha256"])
     marker["config"] = result_config(other)
     (run_dir / "run.json").write_text(json.dumps(marker))
     write_yaml(path, {**config, "train": {**config["train"], "epochs": 3}})
@@ -602,7 +602,12 @@ def _bomb() -> str:
 YAML_CASES = [
     ("billion_laughs", _bomb(), "expands to more than 100000 values"),
     ("deep_flow_nesting", "seed: " + "[" * 20000 + "]" * 20000 + "\n", "nested deeper than 64 levels"),
-    ("deep_block_nesting", "".join("  " * i + f"k{i}:\n" for i in range(3000)) + "  " * 3000 + "v: 1\n", "nested deeper than 64 levels"),
+    ("deep_block_nesting", "".join("  " * i + f"k{i}:\n" for i in range(200)) + "  " * 200 + "v: 1\n", "nested deeper than 64 levels"),
+    ("huge_file", "x-pad: '" + "a" * 1_200_000 + "'\n", "characters; a config is at most 1,000,000"),
+    ("control_character", "experiment: x\x01\n", "YAML syntax error: unacceptable character #x0001"),
+    ("merged_integer_key", "<<: {1: 2}\n", "key '1' must be a string"),
+    ("merged_duplicate_key", "strategy: {<<: {lr: 0.5, lr: 0.7}, name: er}\n", "duplicate key 'lr'"),
+    ("merge_of_a_scalar", "strategy: {<<: 3}\n", "'<<' merges mappings only"),
     ("recursive_alias", "a: &a [*a]\n", "recursive YAML alias"),
     ("complex_key", "? [a, b]\n: 1\n", "a key must be a plain name, not a sequence"),
     ("integer_key", "1: x\n", "key '1' must be a string"),

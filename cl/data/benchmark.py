@@ -10,6 +10,7 @@ running Avalanche's own strategies on exactly the same stream.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,7 +20,9 @@ from torch import Tensor
 
 from cl.config import BenchmarkConfig, check_benchmark
 from cl.data.sources import SourceData
+from cl.errors import DataError
 from cl.data.transforms import BatchTransform
+from cl.utils import tensor_sha256
 
 
 @dataclass
@@ -118,6 +121,14 @@ class Benchmark:
             for e in self.experiences
         ]
         return replace(self, experiences=exps)
+
+    def content_sha256(self) -> str:
+        """sha256 of exactly what the stream is made of: the images, labels and class names of both
+        splits after subsampling. Part of a run's identity: a relabelled or re-split dataset whose
+        files hash the same still changes it."""
+        s = self.source
+        names = hashlib.sha256("\n".join(s.classes).encode()).hexdigest()
+        return hashlib.sha256(f"{tensor_sha256(s.x_train, s.y_train, s.x_test, s.y_test)}:{names}".encode()).hexdigest()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -219,6 +230,7 @@ def build_benchmark(cfg: BenchmarkConfig, data_root: Path, seed: int) -> Benchma
         full.x_train[train_keep], full.y_train[train_keep], full.x_test[test_keep], full.y_test[test_keep],
         full.classes, full.fingerprint, full.origin,
     )
+    _check_every_class(source)
     order = make_class_order(len(source.classes), cfg.class_order, seed if cfg.class_order_seed is None else cfg.class_order_seed)
     transform = make_transform(source, cfg)
 
@@ -256,6 +268,17 @@ def build_benchmark(cfg: BenchmarkConfig, data_root: Path, seed: int) -> Benchma
             raise RuntimeError(f"label mismatch with the Avalanche stream at experience {i}")
     native = (int(source.x_train.shape[-2]), int(source.x_train.shape[-1]))
     return Benchmark(cfg, source, order, experiences, transform, scenario, native)
+
+
+def _check_every_class(source: SourceData) -> None:
+    """Every class needs train and test samples, or the split (and its accuracy) is undefined."""
+    for split, y in (("train", source.y_train), ("test", source.y_test)):
+        counts = torch.bincount(y, minlength=len(source.classes))
+        empty = [source.classes[c] for c in torch.nonzero(counts == 0).flatten().tolist()]
+        if empty:
+            more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+            raise DataError(f"{source.origin}: no {split} samples of class{'es' * (len(empty) > 1)} "
+                            f"{', '.join(map(repr, empty[:3]))}{more}; every class needs train and test samples")
 
 
 def _remap(y: Tensor, order: list[int]) -> Tensor:

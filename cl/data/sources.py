@@ -7,14 +7,16 @@ float inputs batch by batch (:mod:`cl.data.transforms`). Every source registers 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import math
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import numpy as np
 import torch
@@ -66,6 +68,24 @@ class SourceData:
         means = [a / n / 255 for a in s1]
         stds = [math.sqrt(max(b - a * a / n, 0) / max(n - 1, 1)) / 255 for a, b in zip(s1, s2)]
         return means, stds
+
+
+@contextlib.contextmanager
+def _undo_created_dirs(*paths: Path) -> Iterator[None]:
+    """Remove the directories a failed download created on the way to ``paths``: a download that
+    fails offline leaves nothing behind (directories that existed before are never touched)."""
+    created = []
+    for path in paths:
+        missing = [p for p in (path, *path.parents) if not p.exists()]
+        if missing:
+            created.append(missing[-1])  # the shallowest directory that did not exist
+    try:
+        yield
+    except BaseException:
+        for top in created:
+            if top.is_dir() and not top.is_symlink():
+                shutil.rmtree(top, ignore_errors=True)
+        raise
 
 
 def _sha256(*chunks: bytes) -> str:
@@ -168,8 +188,9 @@ class FashionMNISTConfig(DatasetConfig):
             from torchvision.datasets import FashionMNIST
 
             try:
-                FashionMNIST(str(data_root), train=True, download=True)
-                FashionMNIST(str(data_root), train=False, download=True)
+                with _undo_created_dirs(data_root / "FashionMNIST"):
+                    FashionMNIST(str(data_root), train=True, download=True)
+                    FashionMNIST(str(data_root), train=False, download=True)
             except Exception as err:  # noqa: BLE001 - any download failure becomes one line
                 raise DataError(
                     f"Fashion-MNIST not found in {', '.join(map(str, places))} and download failed "
@@ -311,7 +332,8 @@ class _CifarConfig(DatasetConfig):
             from torchvision.datasets import CIFAR10, CIFAR100
 
             try:
-                (CIFAR10 if self.N == 10 else CIFAR100)(str(root), train=True, download=True)
+                with _undo_created_dirs(root / folder):
+                    (CIFAR10 if self.N == 10 else CIFAR100)(str(root), train=True, download=True)
             except Exception as err:  # noqa: BLE001
                 raise DataError(f"CIFAR-{self.N} not found in {root / folder} and download failed ({type(err).__name__})") from None
         return load_cifar_dir(root, self.N)
@@ -391,6 +413,7 @@ class ImageFolderConfig(DatasetConfig):
                 if not files:  # every class needs train and test images, or its accuracy is undefined
                     raise DataError(f"{folder}: class '{cls}' has no images in {split}/")
                 for path in files:
+                    h.update(f"{split}/{cls}/{path.name}\n".encode())  # where a file sits is part of the data
                     xs.append(read_image(path, mode, self.image_size, h))
                     ys.append(label)
             if not xs:
@@ -426,24 +449,44 @@ class CUB200Config(DatasetConfig):
             try:
                 from avalanche.benchmarks.datasets import CUB200
 
-                CUB200(str(root), download=True)
+                with _undo_created_dirs(base):
+                    CUB200(str(root), download=True)
             except Exception as err:  # noqa: BLE001
                 raise DataError(f"CUB-200-2011 not found in {base} and download failed ({type(err).__name__})") from None
+
+        h = hashlib.sha256()
 
         def table(name: str) -> dict[str, str]:
             path = base / name
             if not path.is_file():
                 raise DataError(f"{base}: missing data file {name}")
-            return dict(line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip())
+            text = path.read_text()
+            h.update(text.encode())  # labels and the split are part of the data, not only the pixels
+            rows = {}
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    parts = line.split(maxsplit=1)
+                    if len(parts) != 2:
+                        raise DataError(f"{path}:{n}: expected '<id> <value>', got {line.strip()[:40]!r}")
+                    rows[parts[0]] = parts[1].strip()
+            return rows
 
         paths, labels, split = table("images.txt"), table("image_class_labels.txt"), table("train_test_split.txt")
         classes_file = table("classes.txt") if (base / "classes.txt").is_file() else {}
-        h = hashlib.sha256()
         parts: dict[str, tuple[list[Tensor], list[int]]] = {"1": ([], []), "0": ([], [])}
-        for image_id in sorted(paths, key=int):
-            xs, ys = parts[split[image_id].strip()]
-            xs.append(read_image(base / "images" / paths[image_id].strip(), "RGB", self.image_size, h))
-            ys.append(int(labels[image_id]) - 1)
+        try:
+            ids = sorted(paths, key=int)
+            for image_id in ids:
+                label, where = int(labels[image_id]) - 1, split[image_id]
+                if where not in parts or not 0 <= label < 200:
+                    raise ValueError(f"image {image_id}: split {where!r}, label {label + 1}")
+                xs, ys = parts[where]
+                xs.append(read_image(base / "images" / paths[image_id], "RGB", self.image_size, h))
+                ys.append(label)
+        except KeyError as err:
+            raise DataError(f"{base}: image id {err} is missing from a metadata file") from None
+        except ValueError as err:
+            raise DataError(f"{base}: malformed metadata ({err})") from None
         names = [classes_file.get(str(i + 1), str(i + 1)).strip() for i in range(200)]
         (xtr, ytr), (xte, yte) = parts["1"], parts["0"]
         if not xtr or not xte:

@@ -221,7 +221,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop_a
         raise ConfigError("--stop-after needs train.checkpoint: true (there would be nothing to resume from)")
     check_before_run(cfg, resume=resume, overwrite=overwrite)
     prep = prepare(cfg)  # every input error surfaces here, before the run directory exists
-    identity = run_identity(cfg, prep.images.source.fingerprint, prep.backbone.weights.get("sha256"))
+    identity = run_identity(cfg, prep.images.content_sha256(), prep.backbone.weights.get("sha256"))
     opened = open_run_dir(cfg, identity, resume=resume, overwrite=overwrite)
     try:
         if opened.mode == "finished":

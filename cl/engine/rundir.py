@@ -114,33 +114,75 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file()
 
 
+def _valid_marker(marker: Any) -> bool:
+    return (
+        isinstance(marker, dict) and marker.get("format") == FORMAT
+        and isinstance(marker.get("identity"), dict) and isinstance(marker.get("config"), dict)
+    )
+
+
 def read_marker(run_dir: Path) -> dict[str, Any] | None:
-    """The run.json of a directory, None if absent; a corrupt one is a RunDirError."""
+    """The run.json of a directory (None if absent). One that is not this framework's is an error:
+    such a directory is never written into nor deleted, ``--overwrite`` included."""
     path = run_dir / MARKER
-    if not path.is_file():
+    if not path.is_file() and not path.is_symlink():
         return None
     try:
+        if path.is_symlink():
+            raise ValueError("a symlink")
         marker = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise RunDirError(f"{path} is unreadable ({type(err).__name__}); pass --overwrite to replace the run") from None
-    if not isinstance(marker, dict) or not isinstance(marker.get("identity"), dict):
-        raise RunDirError(f"{path} is not a run marker of this framework; pass --overwrite to replace the run")
+        marker, why = None, f"unreadable: {type(err).__name__}"
+    else:
+        why = "not a run marker of this framework"
+    if not _valid_marker(marker):
+        raise RunDirError(f"{path} is {why}, so {run_dir} may not be ours; refusing to write into or delete it (move it away)")
     return marker
 
 
 def _contents(run_dir: Path) -> list[Path]:
-    return [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
+    return [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() and not run_dir.is_symlink() else []
 
 
-def check_ours(run_dir: Path) -> None:
-    """Refuse a path that exists and was not created by this framework (no run.json)."""
+def _symlink_inside(run_dir: Path) -> Path | None:
+    for root, dirs, files in os.walk(run_dir):  # os.walk does not follow symlinked directories
+        for name in (*dirs, *files):
+            if (Path(root) / name).is_symlink():
+                return Path(root) / name
+    return None
+
+
+def _enclosing_run(path: Path) -> Path | None:
+    """The nearest directory above ``path`` that is a run directory (holds run.json), if any."""
+    for parent in path.resolve().parents:
+        if (parent / MARKER).is_file():
+            return parent
+    return None
+
+
+def check_ours(run_dir: Path, *, clearing: bool = False) -> None:
+    """Refuse a run directory we must not write into or delete.
+
+    It must not be a symlink or a file, lie inside another run directory, exist with content but
+    without a valid run.json of ours, or hold a symlink (writes would go through it; only
+    ``clearing`` it for ``--overwrite`` is safe, as symlinks are removed, never followed).
+    """
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise RunDirError(f"{run_dir} exists and is not a run directory; refusing to touch it")
-    if _contents(run_dir) and not (run_dir / MARKER).is_file():
+    outer = _enclosing_run(run_dir)
+    if outer is not None:
+        raise RunDirError(f"{run_dir} would lie inside the run directory {outer}; choose another experiment, run name or out_dir")
+    if not _contents(run_dir):
+        return
+    if not (run_dir / MARKER).is_file() and not (run_dir / MARKER).is_symlink():
         raise RunDirError(
             f"{run_dir} exists but has no {MARKER}, so it was not created by this version of cl; "
             f"refusing to write into or delete it (move it away)"
         )
+    read_marker(run_dir)
+    link = None if clearing else _symlink_inside(run_dir)
+    if link is not None:
+        raise RunDirError(f"{link} is a symlink inside a run directory; refusing to write through it (remove it)")
 
 
 def _another_config(run_dir: Path, diff: str) -> RunDirError:
@@ -149,20 +191,49 @@ def _another_config(run_dir: Path, diff: str) -> RunDirError:
 
 
 def _already_finished(run_dir: Path) -> RunDirError:
-    return RunDirError(f"{run_dir} holds a finished run of this config; --resume reports it, --overwrite replaces it")
+    return RunDirError(f"{run_dir} holds a finished run; --resume reports it (if config, data and weights match), --overwrite replaces it")
 
 
-def check_before_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> None:
-    """Refuse what the config alone shows to be refused, before any data or backbone is loaded."""
-    run_dir = check_run_dir(cfg)
-    existing = run_dir
+def _unfinished(run_dir: Path) -> RunDirError:
+    return RunDirError(f"{run_dir} holds an unfinished run; pass --resume to continue it or --overwrite to replace it")
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return any((run_dir / "ckpt").glob("*.pt"))
+
+
+def check_report_dir(directory: Path, out_dir: str | Path) -> None:
+    """A sweep's report folder: inside ``out_dir`` (symlinks followed), not inside a run directory."""
+    root = Path(out_dir).resolve()
+    if directory.is_symlink() or not directory.resolve().is_relative_to(root):
+        raise RunDirError(f"report folder {directory} is a symlink or resolves outside out_dir {root}; refusing to write there")
+    outer = _enclosing_run(directory / "x")
+    if outer is not None:
+        raise RunDirError(f"report folder {directory} would lie inside the run directory {outer}; choose another out_dir")
+    check_writable(directory)
+
+
+def check_writable(directory: Path) -> None:
+    """The nearest existing ancestor of ``directory`` must be a writable directory."""
+    existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise RunDirError(f"{existing} is a file; out_dir must be a directory ({cfg.out_dir})")
+        raise RunDirError(f"{existing} is a file; out_dir must be a directory")
     if not os.access(existing, os.W_OK):
         raise RunDirError(f"{existing} is not writable; choose another out_dir (--out)")
-    check_ours(run_dir)
+
+
+def check_before_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> None:
+    """Refuse what the config alone shows to be refused, before any data or backbone is loaded.
+
+    The same checks run again, under the lock, when the directory is opened.
+    """
+    run_dir = check_run_dir(cfg)
+    check_writable(run_dir)
+    check_ours(run_dir, clearing=overwrite)
+    if (run_dir / LOCK).is_file():
+        RunLock(run_dir).release()  # busy now: say so at once, not after loading everything
     if overwrite:
         return
     state, diff = planned_state(cfg)
@@ -170,6 +241,8 @@ def check_before_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> None:
         raise _another_config(run_dir, diff or "")
     if state == "finished" and not resume:
         raise _already_finished(run_dir)
+    if state == "unfinished" and not resume and _has_checkpoint(run_dir):
+        raise _unfinished(run_dir)
 
 
 def planned_state(cfg: RunConfig) -> tuple[str, str | None]:
@@ -202,7 +275,12 @@ class RunLock:
 
     def __init__(self, run_dir: Path) -> None:
         path = run_dir / LOCK
-        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise RunDirError(f"{path} is a symlink; refusing to use it as a lock") from None
+            raise
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -239,13 +317,15 @@ def open_run_dir(cfg: RunConfig, identity: dict[str, Any], *, resume: bool, over
         overwrite: replace whatever run of ours the directory holds.
     """
     run_dir = check_run_dir(cfg)
-    check_ours(run_dir)
+    check_ours(run_dir, clearing=overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
     try:
         config = result_config(cfg)
-        check_ours(run_dir)  # again, under the lock
-        marker = None if overwrite else read_marker(run_dir)
+        check_ours(run_dir, clearing=overwrite)  # again, under the lock
+        marker = read_marker(run_dir)
+        if overwrite:
+            marker = None
         if marker is not None:
             diff = identity_diff(marker, identity, config)
             if diff:
@@ -254,9 +334,9 @@ def open_run_dir(cfg: RunConfig, identity: dict[str, Any], *, resume: bool, over
                 if not resume:
                     raise _already_finished(run_dir)
                 return OpenRun(run_dir, "finished", lock)
-            if any((run_dir / "ckpt").glob("*.pt")):
+            if _has_checkpoint(run_dir):
                 if not resume:
-                    raise RunDirError(f"{run_dir} holds an unfinished run; pass --resume to continue it or --overwrite to replace it")
+                    raise _unfinished(run_dir)
                 return OpenRun(run_dir, "resume", lock)
             # Unfinished without a checkpoint (it died before the first one): nothing to continue.
         _clear(run_dir)
@@ -281,12 +361,13 @@ def _token(text: str) -> str:
     return "".join(c if c in _KEEP else "_" for c in text)
 
 
-def override_label(overrides: list[str], before: dict[str, Any]) -> str | None:
+def override_label(overrides: list[str], before: dict[str, Any], limit: int = 96) -> str | None:
     """A readable, path-safe label for the ``--set`` overrides that change a result.
 
     ``["strategy.lr=0.5", "progress=false"]`` -> ``"strategy.lr=0.5"``. Overrides of volatile and
     placement keys, and overrides that leave the value as it was, are left out; the last override of a
-    key wins. Long labels are shortened with a hash of the full text, so distinct labels stay distinct.
+    key wins. A label longer than ``limit`` is cut and ends in a hash of the full overrides, so
+    distinct labels stay distinct.
     """
     chosen: dict[str, Any] = {}
     for text in overrides:
@@ -302,8 +383,9 @@ def override_label(overrides: list[str], before: dict[str, Any]) -> str | None:
     if not parts:
         return None
     label = ",".join(parts)
-    if len(label) > 96:
-        label = label[:80] + "+h" + config_hash(sorted(chosen.items()))[:8]
+    if len(label) > limit:
+        digest = "+h" + config_hash(sorted((k, json.dumps(v, default=str)) for k, v in chosen.items()))[:8]
+        label = label[: max(limit - len(digest), 0)] + digest
     return label
 
 
@@ -314,13 +396,14 @@ def name_run(data: dict[str, Any], overrides: list[str], before: dict[str, Any])
     """
     if any(parse_override(t)[0] == ["run_name"] for t in overrides):
         return data
-    label = override_label(overrides, before)
-    if label is None:
-        return data
     strategy = data.get("strategy")
     base = data.get("run_name") or (strategy.get("name") if isinstance(strategy, dict) else None)
     if not isinstance(base, str):
         return data  # validation reports the missing strategy
+    base = base[:109]  # room for ",<label>" within a 120-character folder name (the label hash keeps it distinct)
+    label = override_label(overrides, before, limit=119 - len(base))
+    if label is None:
+        return data
     return {**data, "run_name": f"{base},{label}"}
 
 

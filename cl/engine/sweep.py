@@ -30,11 +30,15 @@ from pydantic import Field, ValidationError, field_validator
 
 from cl.config import (
     ConfigError, Model, RunConfig, Seed, apply_overrides, check_folder_name, config_hash, deep_merge, format_validation_error, load_yaml,
-    parse_run_config, resolve_paths,
+    parse_run_config,
 )
-from cl.engine.rundir import name_run, override_label, planned_state
+from cl.engine.rundir import check_before_run, check_report_dir, name_run, override_label, planned_state
 from cl.errors import RunDirError, UserError
 from cl.utils import write_json
+
+
+# Files of the report that a sweep writes into <out_dir>/<suite>/, beside the run folders.
+REPORT_NAMES = ("outcomes.json", "report.html", "summary.md", "summary.csv", "metrics_long.csv", "plots")
 
 
 class SuiteEntry(Model):
@@ -44,6 +48,8 @@ class SuiteEntry(Model):
     @field_validator("name")
     @classmethod
     def _safe(cls, value: str) -> str:
+        if value in REPORT_NAMES or value.startswith("report,"):
+            raise ValueError(f"'{value}' is the name of a report file in the suite folder; choose another")
         return check_folder_name(value)
 
 
@@ -96,12 +102,10 @@ def plan_suite(path: str | Path, cli_overrides: list[str] | None = None, out_dir
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"{path}: duplicate {kind} names: {', '.join(dupes)}")
-    here = path.resolve().parent
-
-    def local(overrides: dict[str, Any]) -> dict[str, Any]:  # paths in the suite are relative to it
-        return resolve_paths(overrides, here)
-
-    base = deep_merge(load_yaml(here / suite.config), local(suite.overrides))
+    base = load_yaml(suite.config)  # made absolute against the suite file that wrote it
+    if "suite" in base:
+        raise ConfigError(f"{path}: config {suite.config} is a suite, not a run config")
+    base = deep_merge(base, suite.overrides)
     benchmarks: list[SuiteEntry | None] = list(suite.benchmarks) or [None]
     planned = []
     for bench in benchmarks:
@@ -109,8 +113,8 @@ def plan_suite(path: str | Path, cli_overrides: list[str] | None = None, out_dir
             for seed in suite.seeds:
                 data = copy.deepcopy(base)
                 if bench is not None:
-                    data = deep_merge(data, local(bench.overrides))
-                data = deep_merge(data, local(strat.overrides))
+                    data = deep_merge(data, bench.overrides)
+                data = deep_merge(data, strat.overrides)
                 data.update(
                     experiment=suite.suite if bench is None else f"{suite.suite}/{bench.name}",
                     run_name=strat.name,
@@ -140,27 +144,31 @@ def plan_suite(path: str | Path, cli_overrides: list[str] | None = None, out_dir
 
 
 def plan_states(planned: list[PlannedRun], overwrite: bool) -> list[tuple[str, str | None]]:
-    """What each planned run would do: run, resume, reuse, or conflict (a run of another config)."""
-    states = []
+    """What each planned run would do: run, resume, restart, reuse, or refuse (and why)."""
+    states: list[tuple[str, str | None]] = []
     for run in planned:
+        try:
+            check_before_run(run.cfg, resume=True, overwrite=overwrite)
+        except RunDirError as err:
+            states.append(("refuse", str(err)))
+            continue
         if overwrite:
             states.append(("run (overwrite)", None))
             continue
-        state, diff = planned_state(run.cfg)
+        state, _ = planned_state(run.cfg)
         if state == "unfinished":
-            resumable = any((run.cfg.run_dir() / "ckpt").glob("*.pt"))
-            state = "resume" if resumable else "restart"
-        states.append(({"new": "run", "finished": "reuse"}.get(state, state), diff))
+            state = "resume" if any((run.cfg.run_dir() / "ckpt").glob("*.pt")) else "restart"
+        states.append(({"new": "run", "finished": "reuse"}.get(state, state), None))
     return states
 
 
 def check_plan(planned: list[PlannedRun], overwrite: bool) -> None:
-    """Refuse a sweep whose run directories hold runs of other configs, before anything runs."""
-    conflicts = [(run, diff) for run, (state, diff) in zip(planned, plan_states(planned, overwrite)) if state == "conflict"]
-    if conflicts:
-        run, diff = conflicts[0]
-        more = f" (and {len(conflicts) - 1} more run{'s' * (len(conflicts) > 2)})" if len(conflicts) > 1 else ""
-        raise RunDirError(f"{run.cfg.run_dir()} holds a run of another config ({diff}){more}; pass --overwrite to replace {'them' if more else 'it'}")
+    """Refuse a sweep if any run would be refused (a directory holding another config, not ours,
+    not writable, ...), before anything runs."""
+    refused = [why for state, why in plan_states(planned, overwrite) if state == "refuse"]
+    if refused:
+        more = f" (and {len(refused) - 1} more run{'s' * (len(refused) > 2)})" if len(refused) > 1 else ""
+        raise RunDirError(f"{refused[0]}{more}")
 
 
 def execute(data: dict[str, Any], overwrite: bool = False, threads: int | None = None) -> dict[str, Any]:
@@ -293,15 +301,43 @@ def run_local(planned: list[PlannedRun], jobs: int, overwrite: bool) -> list[dic
     return [results[k] for k in range(len(planned))]
 
 
+def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) address must answer within ``timeout`` seconds:
+    ``ray.init`` on an unreachable address can hang for minutes."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"--ray-address: expected 'auto', 'host:port' or 'ray://host:port', got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise UserError(f"--ray-address: cannot reach {address} ({err.strerror or type(err).__name__})") from None
+
+
+def start_ray(address: str | None) -> bool:
+    """Connect to (or start) Ray before any work; True if this call started it (and must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    check_ray_address(address)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise UserError(f"Ray: cannot start or join {address or 'a local instance'} ({type(err).__name__}: {str(err)[:120]})") from None
+    return True
+
+
 def run_ray(planned: list[PlannedRun], overwrite: bool, address: str | None, cpus_per_run: int) -> list[dict[str, Any]]:
     """As Ray tasks: on an existing cluster (``address``, e.g. "auto" or "ray://host:10001") or a
     local instance. Every node must have this package installed and see ``out_dir`` and the cache."""
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        started = True
+    started = start_ray(address)
     try:
         task = ray.remote(num_cpus=cpus_per_run, max_retries=0)(execute)
         refs = {task.remote(run.data, overwrite, cpus_per_run): k for k, run in enumerate(planned)}
@@ -322,6 +358,14 @@ def run_ray(planned: list[PlannedRun], overwrite: bool, address: str | None, cpu
     return [results[k] for k in range(len(planned))]
 
 
+def report_dir(suite: SuiteConfig, planned: list[PlannedRun], cli_overrides: list[str] | None) -> Path:
+    """``<out>/<suite>/``, or ``<out>/<suite>/report,<overrides>/`` when ``--set`` overrides change results
+    (beside the suite's own report, not over it)."""
+    root = Path(planned[0].cfg.out_dir) / suite.suite
+    label = override_label(cli_overrides or [], {})
+    return root if label is None else root / f"report,{label}"
+
+
 def run_suite(
     path: str | Path,
     cli_overrides: list[str] | None = None,
@@ -337,15 +381,16 @@ def run_suite(
 
     suite, planned = plan_suite(path, cli_overrides, out_dir)
     check_plan(planned, overwrite)
+    root = report_dir(suite, planned, cli_overrides)
+    check_report_dir(root, planned[0].cfg.out_dir)
+    if executor == "ray":
+        check_ray_address(ray_address)  # fail in seconds, before the caches are warmed
     warm_caches(planned)
     if executor == "ray":
         outcomes = run_ray(planned, overwrite, ray_address, max(1, (os.cpu_count() or 1) // max(jobs, 1)))
     else:
         outcomes = run_local(planned, jobs, overwrite)
-    root = Path(planned[0].cfg.out_dir) / suite.suite
     label = override_label(cli_overrides or [], {})
-    if label is not None:  # a sweep with --set overrides reports beside the suite's own report, not over it
-        root = root / f"report,{label}"
     write_json(root / "outcomes.json", [{k: v for k, v in o.items() if k != "metrics"} for o in outcomes])
     records = [
         RunRecord(Path(o["run_dir"]), o["experiment"], o["run"], o["seed"], o["metrics"],
