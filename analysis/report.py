@@ -73,7 +73,11 @@ def _run_config(run_dir: Path) -> dict[str, Any] | None:
         if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
             raise ValueError("run.json holds no config")
         config = dict(data["config"])
-        config["data_fingerprint"] = (data.get("identity") or {}).get("data")
+        identity = data.get("identity") or {}
+        config["data_fingerprint"] = identity.get("data")
+        source = ((config.get("backbone") or {}).get("weights") or {}).get("source")
+        if source in ("file", "hub"):  # given weights are identified by content (paths are not in the config)
+            config["weights_sha256"] = identity.get("weights")
     elif (run_dir / "config.yaml").is_file():
         config = _read_yaml(run_dir / "config.yaml")
         if isinstance(config, dict):
@@ -94,25 +98,39 @@ def _is_number(v: Any) -> bool:
 
 
 def check_metrics(m: Any) -> dict[str, Any]:
-    """A metrics.json object with the shapes the report relies on, or ValueError naming what is off."""
+    """A metrics.json object with the types and shapes the report relies on, or ValueError naming what is off."""
     if not isinstance(m, dict):
         raise ValueError("metrics.json is not an object")
     n_test = m.get("n_test_per_task")
-    if not isinstance(n_test, list) or not n_test or not all(isinstance(n, int) and n >= 0 for n in n_test):
-        raise ValueError("n_test_per_task is not a list of counts")
+    if not isinstance(n_test, list) or not n_test or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in n_test):
+        raise ValueError("n_test_per_task is not a list of positive counts")
+    T = len(n_test)
     for key in ("acc_matrix", "acc_matrix_task_aware"):
         R = m.get(key)
         if key == "acc_matrix" and R is None:
             raise ValueError("no acc_matrix")
         if R is not None and not (
-            isinstance(R, list) and R and all(isinstance(row, list) and len(row) == len(n_test) and all(v is None or _is_number(v) for v in row) for row in R)
+            isinstance(R, list) and len(R) == T
+            and all(isinstance(row, list) and len(row) == T and all(v is None or _is_number(v) for v in row) for row in R)
         ):
-            raise ValueError(f"{key} is not a matrix of accuracies over {len(n_test)} tasks")
+            raise ValueError(f"{key} is not a {T} x {T} matrix of accuracies")
     for key in ("experiment", "run", "scenario"):
         if key in m and not isinstance(m[key], str):
             raise ValueError(f"{key} is not a string")
-    if "task_aware" in m and not isinstance(m["task_aware"], dict):
-        raise ValueError("task_aware is not an object")
+    for key, value in m.items():
+        if key in ("final_acc", "avg_incremental_acc", "forgetting", "bwt", "fwt", "wall_time_s", "trainable_params", "memory_bytes",
+                   "avg_anytime_acc", "task_inference_acc") and not (value is None or _is_number(value)):
+            raise ValueError(f"{key} is not a number")
+    if "task_aware" in m and not (isinstance(m["task_aware"], dict) and all(v is None or _is_number(v) for k, v in m["task_aware"].items() if k in ("final_acc", "avg_incremental_acc", "forgetting", "bwt", "fwt"))):
+        raise ValueError("task_aware is not an object of numbers")
+    stored = m.get("stored_bytes")
+    if stored is not None and not (isinstance(stored, list) and all(_is_number(b) for b in stored)):
+        raise ValueError("stored_bytes is not a list of numbers")
+    anytime = m.get("anytime")
+    if anytime is not None:
+        parts = [anytime.get(k) for k in ("samples", "acc", "experience")] if isinstance(anytime, dict) else [None]
+        if not all(isinstance(p, list) and all(_is_number(v) for v in p) for p in parts) or len({len(p) for p in parts}) != 1:
+            raise ValueError("anytime is not three lists of numbers of one length")
     return m
 
 
@@ -298,21 +316,30 @@ def group_runs(records: Sequence[RunRecord]) -> dict[str, dict[str, list[RunReco
     return groups
 
 
+def _scenario(recs: Sequence[RunRecord]) -> str | None:
+    done = [r.metrics for r in recs if r.metrics]
+    return done[0].get("scenario") if done else None
+
+
 def headline_table(runs: dict[str, list[RunRecord]], ci: bool = False) -> tuple[list[str], list[list[str]]]:
-    finished = [r.metrics for recs in runs.values() for r in recs if r.metrics]
-    task_aware = bool(finished) and finished[0].get("scenario") == "task_incremental"
-    online = bool(finished) and finished[0].get("scenario") == "online"
-    columns = HEADLINE + ([ANYTIME] if online else []) + COST
-    header = ["strategy", "seeds"] + [c[0] for c in columns]
+    """One row per run group. Task-incremental rows report task-aware accuracy; when an experiment
+    mixes scenarios, an ``accuracy`` column says which accuracy each row reports."""
+    scenarios = {name: _scenario(recs) for name, recs in runs.items()}
+    kinds = {s for s in scenarios.values() if s is not None}
+    mixed = len({s == "task_incremental" for s in kinds}) > 1
+    columns = HEADLINE + ([ANYTIME] if "online" in kinds else []) + COST
+    header = ["strategy", "seeds"] + (["accuracy"] if mixed else []) + [c[0] for c in columns]
     rows = []
     for name, recs in runs.items():
         agg = aggregate(recs)
         done = [r for r in recs if r.metrics]
+        task_aware = scenarios[name] == "task_incremental"
         cells = []
         for _, key, scale, fmt in columns:
             k = metric_key(key, task_aware, done[0].metrics) if done else key  # type: ignore[arg-type]
             cells.append(agg.get(k, Stats()).format(scale, fmt, ci and key in ("final_acc", "avg_incremental_acc", "forgetting")))
-        rows.append([name, str(len(done))] + cells)
+        which = (["task-aware" if task_aware else "class-incremental"] if mixed else [])
+        rows.append([name, str(len(done))] + which + cells)
     return header, rows
 
 
@@ -369,42 +396,44 @@ def _experiment_plots(experiment: str, runs: dict[str, list[RunRecord]], plots: 
     if not done:
         return []
     slug = experiment.replace("/", "_")
-    first = next(iter(done.values()))[0]
-    task_aware = first.get("scenario") == "task_incremental"
+    task_aware = {name: seeds[0].get("scenario") == "task_incremental" for name, seeds in done.items()}
     out: list[tuple[str, Path]] = []
     curves, bands = {}, {}
     for name, seeds in done.items():
-        curves[name], bands[name] = mean_curves(seeds, task_aware)
+        curves[name], bands[name] = mean_curves(seeds, task_aware[name])
     multi = any(len(s) > 1 for s in done.values())
-    kind = "task-aware" if task_aware else "class-incremental"
+    kinds = set(task_aware.values())
+    kind = "task-aware" if kinds == {True} else "class-incremental" if kinds == {False} else "task-aware for task-incremental runs"
     out.append(("Forgetting curves", P.compare_curves(curves, plots / f"{slug}_forgetting_curves.png",
                                                       f"{experiment} ({kind}{'; mean ± std over seeds' if multi else ''})", bands)))
-    key = "acc_matrix_task_aware" if task_aware else "acc_matrix"
-    mats = {name: _nanmean(np.array([[[np.nan if v is None else v for v in row] for row in m[key]] for m in seeds], dtype=float))
+    mats = {name: _nanmean(np.array([[[np.nan if v is None else v for v in row]
+                                      for row in m["acc_matrix_task_aware" if task_aware[name] else "acc_matrix"]] for m in seeds], dtype=float))
             for name, seeds in done.items()}
     out.append(("Accuracy matrices (mean over seeds)", P.heatmap_grid(mats, plots / f"{slug}_acc_matrices.png", f"{experiment}: {kind} accuracy (%)")))
     anytime = {name: [m["anytime"] for m in seeds if m.get("anytime")] for name, seeds in done.items()}
     anytime = {k: v for k, v in anytime.items() if v}
     if anytime:
         out.append(("Anytime accuracy", P.anytime_compare(anytime, plots / f"{slug}_anytime.png", f"{experiment}: anytime accuracy")))
-    shift = {name: curves_ for name, recs in runs.items() if (curves_ := _cka_curves(recs))}
+    summaries = {name: _shift_summaries(recs) for name, recs in runs.items()}
+    shift = {name: curves_ for name in runs if (curves_ := _guarded(_cka_curves, summaries[name], name))}
     if shift:
         out.append(("Layer-wise CKA", P.cka_compare(shift, plots / f"{slug}_cka.png", f"{experiment}: CKA of old tasks' features vs right after learning them")))
-    bn = {name: errs for name, recs in runs.items() if (errs := _bn_errors(recs))}
+    bn = {name: errs for name in runs if (errs := _guarded(_bn_errors, summaries[name], name))}
     if bn:
         out.append(("BatchNorm statistics of old tasks at test time", P.bn_error_compare(bn, plots / f"{slug}_bn_error.png",
                                                                                           f"{experiment}: BN running-mean error on old tasks")))
     points = {}
     for name, seeds in done.items():
         agg = aggregate([r for r in runs[name] if r.metrics])
-        acc_key = metric_key("final_acc", task_aware, seeds[0])
+        acc_key = metric_key("final_acc", task_aware[name], seeds[0])
         points[name] = (agg.get(acc_key, Stats()).mean, agg.get("trainable_params", Stats()).mean, agg.get("stored_bytes_total", Stats()).mean)
     out.append(("Accuracy vs cost", P.cost_scatter(points, plots / f"{slug}_cost.png", f"{experiment}: final accuracy vs cost")))
     return out
 
 
 def _shift_summaries(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
-    """Shift summaries of the finished runs that saved probes (``shift/shift.json`` if already computed)."""
+    """Shift summaries of the finished runs that saved probes (``shift/shift.json`` if already
+    computed); a run whose probes or summary cannot be read is skipped with a warning."""
     from analysis.shift import load_probes, shift_tables, summarize_shift
 
     out = []
@@ -412,18 +441,34 @@ def _shift_summaries(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
         if r.metrics is None or not (r.path / "probes").is_dir():
             continue
         cached = r.path / "shift" / "shift.json"
-        if cached.is_file():
-            out.append(json.loads(cached.read_text()))
-        else:
-            probes, order = load_probes(r.path)
-            if probes:
-                out.append(summarize_shift(shift_tables(probes), order))
+        try:
+            if cached.is_file():
+                summary = _read_json(cached)
+            else:
+                probes, order = load_probes(r.path)
+                summary = summarize_shift(shift_tables(probes), order) if probes else None
+            if summary is not None and not (isinstance(summary, dict) and isinstance(summary.get("cka_curve"), dict)):
+                raise ValueError("not a shift summary")
+        except Exception as err:  # noqa: BLE001 - one damaged run must not sink the report
+            _unreadable(r.path / "probes", err)
+            continue
+        if summary is not None:
+            out.append(summary)
     return out
 
 
-def _bn_errors(records: Sequence[RunRecord]) -> dict[str, dict[str, float]] | None:
+def _guarded(fn: Any, summaries: list[dict[str, Any]], name: str) -> Any:
+    """``fn(summaries)``, or None with a warning when seeds' summaries do not fit together."""
+    try:
+        return fn(summaries)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        warnings.warn(f"{name}: shift summaries of its seeds do not fit together ({type(err).__name__}: {err}); left out", stacklevel=2)
+        return None
+
+
+def _bn_errors(all_summaries: list[dict[str, Any]]) -> dict[str, dict[str, float]] | None:
     """variant -> BN layer -> error of old tasks' running means (mean over seeds); "used" is what the run used."""
-    summaries = [s for s in _shift_summaries(records) if s.get("bn")]
+    summaries = [s for s in all_summaries if s.get("bn")]
     if not summaries:
         return None
     out: dict[str, dict[str, float]] = {}
@@ -436,9 +481,9 @@ def _bn_errors(records: Sequence[RunRecord]) -> dict[str, dict[str, float]] | No
     return out
 
 
-def _cka_curves(records: Sequence[RunRecord]) -> dict[str, list[float]] | None:
+def _cka_curves(summaries: list[dict[str, Any]]) -> dict[str, list[float]] | None:
     """Mean over seeds of each layer's CKA curve, for runs that saved probes."""
-    curves = [s["cka_curve"] for s in _shift_summaries(records)]
+    curves = [s["cka_curve"] for s in summaries]
     if not curves:
         return None
     layers = list(curves[0])

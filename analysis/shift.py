@@ -160,6 +160,7 @@ def bn_mean_error(running: Tensor, batch: Tensor, std: Tensor | None = None) -> 
 def load_probes(run_dir: Any) -> tuple[dict[int, dict[str, Tensor]], dict[str, list[str]]]:
     """(experience -> {key: tensor}, layer names in network order) as written by :mod:`cl.engine.probes`."""
     import json
+    import re
     from pathlib import Path
 
     from safetensors import safe_open
@@ -169,17 +170,20 @@ def load_probes(run_dir: Any) -> tuple[dict[int, dict[str, Tensor]], dict[str, l
 
     probes: dict[int, dict[str, Tensor]] = {}
     order: dict[str, list[str]] = {"feat": [], "bn": []}
-    for path in sorted(Path(run_dir, "probes").glob("exp*.safetensors")):
+    files = sorted(Path(run_dir, "probes").glob("exp*.safetensors"))
+    for path in files:
         try:
-            index = int(path.stem[3:])
+            match = re.fullmatch(r"exp(\d+)", path.stem)
+            if match is None:
+                raise ValueError("not named exp<k>.safetensors")
+            index = int(match.group(1))
             probes[index] = load_file(str(path))
             with safe_open(str(path), "pt") as fh:
                 meta = fh.metadata() or {}
             names = {kind: json.loads(meta.get(kind, "[]")) for kind in order}
             if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in names.values()):
                 raise ValueError("layer names are not a list of strings")
-            for key in probes[index]:
-                _split_key(key)
+            _check_probe_file(probes[index], index)
         except Exception as err:  # noqa: BLE001 - a damaged probe file is one line, not a traceback
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
             raise DataError(f"{path}: unreadable probe file ({first}); re-run the experiment to record it again") from None
@@ -187,7 +191,27 @@ def load_probes(run_dir: Any) -> tuple[dict[int, dict[str, Tensor]], dict[str, l
             for name in names[kind]:
                 if name not in order[kind]:
                     order[kind].append(name)
+    if probes and sorted(probes) != list(range(len(probes))):
+        raise DataError(f"{Path(run_dir, 'probes')}: probe files exp{sorted(probes)} are not exp0..exp{len(probes) - 1}")
+    for i in sorted(probes)[1:]:  # every file probes the same examples of each task
+        for key, labels in probes[i].items():
+            if key.endswith("/labels/y") and int(key.split("/")[0][4:]) < i and not torch.equal(labels, probes[i - 1][key]):
+                raise DataError(f"{Path(run_dir, 'probes')}: exp{i} probes other examples of {key.split('/')[0]} than exp{i - 1} (files mixed from other runs?)")
     return probes, order
+
+
+def _check_probe_file(tensors: dict[str, Tensor], index: int) -> None:
+    """Probes saved after experience ``index`` hold tasks 0..index, each with labels and features of matching length."""
+    tasks = {_split_key(k)[0] for k in tensors}
+    if tasks != set(range(index + 1)):
+        raise ValueError(f"holds tasks {sorted(tasks)}, expected 0..{index}")
+    for task in tasks:
+        labels = tensors.get(f"task{task}/labels/y")
+        if labels is None or labels.ndim != 1:
+            raise ValueError(f"task {task} has no labels")
+        for key, t in tensors.items():
+            if key.startswith(f"task{task}/feat/") and (t.ndim != 2 or len(t) != len(labels)):
+                raise ValueError(f"{key} has shape {tuple(t.shape)} for {len(labels)} labels")
 
 
 def _split_key(key: str) -> tuple[int, str, str]:

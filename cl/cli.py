@@ -163,17 +163,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from cl.data.benchmark import build_benchmark
-    from cl.engine.loop import build_backbone
-    from cl.utils import resolve_device
+    from cl.engine.loop import prepare_inputs
 
     cfg = load_cli_config(args.config, args.overrides, args.out)
     if cfg.backbone.weights.source != "pretrain":
         raise UserError(f"backbone.weights.source is '{cfg.backbone.weights.source}'; nothing to pretrain")
-    device = resolve_device(cfg.device)
-    bench = build_benchmark(cfg.benchmark, cfg.resolved_data_root(), cfg.seed)
-    backbone = build_backbone(cfg, bench, device)
-    w = backbone.weights
+    w = prepare_inputs(cfg, want_features=False).backbone.weights  # the same threads and cache entry as a run
     print(f"{w.get('path')} sha256={w['sha256']} ({w.get('cache')}, pretrained on {w.get('pretrained_on')})")
     return 0
 

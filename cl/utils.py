@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import platform
 import random
 import subprocess
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -17,15 +19,42 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+# torch's thread count when this process started (the machine's cores): what caches are built with
+# unless a config sets num_threads, so every process of a sweep builds and finds the same entries.
+DEFAULT_THREADS = torch.get_num_threads()
+
 PACKAGES = ("torch", "torchvision", "timm", "avalanche-lib", "numpy", "scikit-learn", "matplotlib", "pydantic", "PyYAML", "tqdm", "safetensors")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _disk_full(directory: Path) -> bool:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
+
+
+def remove_stale_temps(directory: Path, min_age_s: float = 0.0) -> None:
+    """Delete the temporary files that an atomic write killed mid-way (SIGKILL) left in ``directory``."""
+    if not directory.is_dir():
+        return
+    now = time.time()
+    for tmp in directory.glob(".*.tmp"):
+        try:
+            if tmp.is_file() and not tmp.is_symlink() and now - tmp.stat().st_mtime >= min_age_s:
+                tmp.unlink()
+        except OSError:
+            pass
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and rename it into place.
 
-    Readers never see a half-written file: either the old file or the complete new one.
+    Readers never see a half-written file: either the old file or the complete new one. A symlink at
+    ``path`` is replaced, never written through. A writer that fails on a full disk with its own
+    exception type (safetensors, ``torch.save``) is reported as the ``OSError`` it is.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,7 +62,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError:
+            raise
+        except Exception as err:
+            if _disk_full(path.parent):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+            raise
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
@@ -44,6 +80,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.close(dir_fd)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch threads (CPU results depend on it), then restore the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -133,7 +180,8 @@ def resolve_device(name: str) -> torch.device:
 def git_info() -> dict[str, Any]:
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+            # --no-optional-locks: provenance must not write into the repository (.git/index.lock)
+            out = subprocess.run(["git", "--no-optional-locks", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return out.stdout.strip() if out.returncode == 0 else None

@@ -42,7 +42,7 @@ from cl.models.features import cached_features
 from cl.models.pretrain import get_pretrained
 from cl.registry import STRATEGIES
 from cl.errors import ConfigError, RunDirError, TrainingDiverged, UserError
-from cl.utils import environment_info, peak_rss_mb, resolve_device, seed_everything, write_json
+from cl.utils import DEFAULT_THREADS, environment_info, remove_stale_temps, peak_rss_mb, resolve_device, seed_everything, torch_threads, write_json
 from strategies.base import Strategy, StrategyContext, create_strategy
 
 
@@ -93,15 +93,22 @@ def prepare_inputs(cfg: RunConfig, want_features: bool) -> Inputs:
     t0 = time.perf_counter()
     images = build_benchmark(cfg.benchmark, cfg.resolved_data_root(), cfg.seed)
     t1 = time.perf_counter()
-    backbone = build_backbone(cfg, images, device)
+    # Pretraining and feature extraction run with a fixed thread count (CPU results depend on it):
+    # the run's num_threads, else the machine default, however many threads a sweep worker trains
+    # with. The caches are keyed by it, so whichever process builds an entry, it is the same.
+    build_threads = cfg.num_threads or DEFAULT_THREADS
+    with torch_threads(build_threads):
+        backbone = build_backbone(cfg, images, device)
     t2 = time.perf_counter()
-    setup: dict[str, Any] = {"data_time_s": t1 - t0, "backbone_time_s": t2 - t1, "feature_cache": None, "feature_time_s": 0.0}
+    setup: dict[str, Any] = {"data_time_s": t1 - t0, "backbone_time_s": t2 - t1, "feature_cache": None, "feature_time_s": 0.0,
+                             "build_threads": build_threads}
     bench = images
     if want_features and backbone.frozen and cfg.backbone.cache_features:
-        train_x, test_x, hit = cached_features(
-            backbone, images, cache_dir=cfg.resolved_cache_dir(), batch_size=cfg.train.eval_batch_size,
-            device=device, progress=cfg.progress,
-        )
+        with torch_threads(build_threads):
+            train_x, test_x, hit = cached_features(
+                backbone, images, cache_dir=cfg.resolved_cache_dir(), batch_size=cfg.train.eval_batch_size,
+                device=device, progress=cfg.progress,
+            )
         bench = images.with_inputs(train_x, test_x)
         setup.update(feature_cache="hit" if hit else "miss", feature_time_s=time.perf_counter() - t2)
     return Inputs(bench, images, backbone, setup)
@@ -219,25 +226,34 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop_a
         raise UserError(f"--stop-after must be >= 1, got {stop_after}")
     if stop_after is not None and not cfg.train.checkpoint:
         raise ConfigError("--stop-after needs train.checkpoint: true (there would be nothing to resume from)")
+    if stop_after is not None and not STRATEGIES.get(cfg.strategy.name).resumable:
+        raise ConfigError(f"--stop-after: strategy '{cfg.strategy.name}' cannot be checkpointed, so there would be nothing to resume from")
     check_before_run(cfg, resume=resume, overwrite=overwrite)
     prep = prepare(cfg)  # every input error surfaces here, before the run directory exists
     identity = run_identity(cfg, prep.images.content_sha256(), prep.backbone.weights.get("sha256"))
     opened = open_run_dir(cfg, identity, resume=resume, overwrite=overwrite)
     try:
         if opened.mode == "finished":
-            return read_metrics(opened.path)
+            return read_metrics(opened.path, identity)
         return _Loop(prep, opened.path, identity, resume=opened.mode == "resume").run(stop_after)
     finally:
         opened.lock.release()
 
 
-def read_metrics(run_dir: Path) -> dict[str, Any]:
+def read_metrics(run_dir: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's metrics, checked to be this run's: same identity, the shapes reports use."""
+    from analysis.report import check_metrics
+
+    path = run_dir / "metrics.json"
     try:
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        metrics = check_metrics(json.loads(path.read_text(encoding="utf-8")))
+        if metrics.get("identity") != identity:
+            raise ValueError("it belongs to another run (identity differs)")
+        for key in ("scenario", "final_acc", "avg_incremental_acc", "wall_time_s"):
+            if key not in metrics:
+                raise ValueError(f"no {key}")
     except (OSError, ValueError) as err:
-        raise RunDirError(f"{run_dir / 'metrics.json'} is unreadable ({type(err).__name__}); pass --overwrite to re-run") from None
-    if not isinstance(metrics, dict):
-        raise RunDirError(f"{run_dir / 'metrics.json'} is not a metrics object; pass --overwrite to re-run")
+        raise RunDirError(f"{path} is not this run's metrics ({str(err)[:80]}); pass --overwrite to re-run") from None
     return metrics
 
 
@@ -258,6 +274,9 @@ class _Loop:
         self.elapsed_before = 0.0
         self.next_exp = 0
         self.probes = ProbeRecorder(self.cfg.shift, self.bench, prep.images, run_dir) if self.cfg.shift.enabled else None
+        if resume:  # temporary files of atomic writes that a kill interrupted (we hold the lock)
+            for sub in (run_dir, run_dir / "ckpt", run_dir / "plots", run_dir / "probes"):
+                remove_stale_temps(sub)
         ckpt = load_checkpoint(run_dir / "ckpt") if resume else None
         if ckpt is not None:
             if ckpt.get("identity") != identity:
@@ -272,7 +291,7 @@ class _Loop:
         if ckpt is None:
             self.log.write("run_start", run_dir=str(run_dir), **prep.setup)
         else:
-            self.log.write("resume", next_experience=self.next_exp, log_bytes_lost=self.log.lost_bytes)
+            self.log.write("resume", next_experience=self.next_exp, log_bytes_lost=self.log.lost_bytes, log_lines_dropped=self.log.dropped_lines)
 
     # ---- provenance and checkpoints -------------------------------------------------------
 

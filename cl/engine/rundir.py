@@ -36,6 +36,7 @@ from cl.utils import atomic_write_text
 
 MARKER = "run.json"
 LOCK = ".lock"
+RUN_FILES = ("metrics.json", "config.yaml", "env.json", "log.jsonl")
 FORMAT = 1
 
 
@@ -180,6 +181,10 @@ def check_ours(run_dir: Path, *, clearing: bool = False) -> None:
             f"refusing to write into or delete it (move it away)"
         )
     read_marker(run_dir)
+    if not clearing:
+        odd = [n for n in RUN_FILES if (run_dir / n).exists() and not (run_dir / n).is_file()]
+        if odd:
+            raise RunDirError(f"{run_dir / odd[0]} is not a regular file; pass --overwrite to replace the run")
     link = None if clearing else _symlink_inside(run_dir)
     if link is not None:
         raise RunDirError(f"{link} is a symlink inside a run directory; refusing to write through it (remove it)")
@@ -262,8 +267,11 @@ def planned_state(cfg: RunConfig) -> tuple[str, str | None]:
 
 
 def _clear(run_dir: Path) -> None:
-    """Delete everything in a directory of ours except the lock we hold."""
+    """Delete everything in a directory of ours except the lock we hold and the marker, which the
+    caller then replaces atomically: a kill in between leaves a directory that is still ours."""
     for entry in _contents(run_dir):
+        if entry.name == MARKER:
+            continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
@@ -410,6 +418,13 @@ def name_run(data: dict[str, Any], overrides: list[str], before: dict[str, Any])
 # ---- the event log ------------------------------------------------------------------------------
 
 
+def _is_json_line(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 class JsonlLog:
     """JSON-lines log of a run: truncated on a fresh start, cut back to the checkpoint on resume.
 
@@ -421,17 +436,18 @@ class JsonlLog:
     def __init__(self, path: Path, resume_offset: int | None = None) -> None:
         self.path = path
         self.lost_bytes = 0
+        self.dropped_lines = 0
         if resume_offset is None or not path.exists():
             path.write_bytes(b"")
         else:
-            size = path.stat().st_size
-            keep = min(size, resume_offset)
-            if keep < resume_offset:
-                self.lost_bytes = resume_offset - keep
-            data = path.read_bytes()[:keep]
-            keep = data.rfind(b"\n") + 1  # a partial last line is dropped
-            with open(path, "r+b") as fh:
-                fh.truncate(keep)
+            data = path.read_bytes()
+            self.lost_bytes = max(resume_offset - len(data), 0)
+            data = data[: min(len(data), resume_offset)]
+            data = data[: data.rfind(b"\n") + 1]  # a partial last line is dropped
+            lines = data.splitlines(keepends=True)
+            kept = [ln for ln in lines if _is_json_line(ln)]
+            self.dropped_lines = len(lines) - len(kept)
+            path.write_bytes(b"".join(kept))
         self._fh = open(path, "a", encoding="utf-8")
 
     def write(self, event: str, **fields: Any) -> None:

@@ -391,7 +391,8 @@ def run_suite(
     else:
         outcomes = run_local(planned, jobs, overwrite)
     label = override_label(cli_overrides or [], {})
-    write_json(root / "outcomes.json", [{k: v for k, v in o.items() if k != "metrics"} for o in outcomes])
+    # absolute paths: `cl compare` may read this file from any working directory
+    write_json(root / "outcomes.json", [{**{k: v for k, v in o.items() if k != "metrics"}, "run_dir": str(Path(o["run_dir"]).resolve())} for o in outcomes])
     records = [
         RunRecord(Path(o["run_dir"]), o["experiment"], o["run"], o["seed"], o["metrics"],
                   "finished" if o["ok"] else "failed", o["error"])

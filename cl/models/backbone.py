@@ -33,6 +33,7 @@ class Backbone:
     freeze: str
     transform: BatchTransform
     weights: dict[str, Any] = field(default_factory=dict)  # provenance: source, sha256, path, ...
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the timm.create_model arguments used
     _train_roots: list[nn.Module] = field(default_factory=list, repr=False)
 
     @property
@@ -153,14 +154,15 @@ def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{h}." for h in heads)
 
 
-def load_exact(model: nn.Module, state: dict[str, Tensor], name: str, origin: str) -> list[str]:
-    """Load ``state`` into ``model``, refusing anything but an exact fit. Returns the keys left out.
+def check_exact(model: nn.Module, state: dict[str, Tensor], name: str, origin: str) -> list[str]:
+    """Raise WeightsError unless ``state`` fits ``model`` exactly. Returns the keys that will be left out.
 
-    Every tensor of the model must come from ``state`` with the same shape and finite values; the
-    only keys left out are the classifier's (the backbone has no head) and BatchNorm's
-    ``num_batches_tracked`` counters when absent. Nothing is silently skipped, reshaped or adapted
-    (timm's pretrained loader would adapt input channels or drop a mismatched stem; here that is an
-    error, so the recorded checksum always describes the weights that run).
+    Every tensor of the model must come from ``state`` with the same shape, a compatible dtype
+    (floating for floating, integer for integer) and finite values, and BatchNorm running
+    variances must not be negative; the only keys left out are the classifier's (the backbone has
+    no head) and BatchNorm's ``num_batches_tracked`` counters when absent. Nothing is silently
+    skipped, reshaped or adapted (timm's pretrained loader would adapt input channels or drop a
+    mismatched stem; here that is an error, so the recorded checksum describes the weights that run).
     """
     model_state = model.state_dict()
     heads = _head_prefixes(model)
@@ -178,12 +180,26 @@ def load_exact(model: nn.Module, state: dict[str, Tensor], name: str, origin: st
         )
         hint = "; check benchmark.channels and backbone.kwargs" if shape else ""
         raise WeightsError(f"{origin}: weights do not match backbone '{name}' ({detail}){hint}")
+    kind = sorted(
+        k for k in model_state
+        if k in state and (state[k].is_floating_point() != model_state[k].is_floating_point() or state[k].is_complex() or state[k].dtype == torch.bool)
+    )
+    if kind:
+        raise WeightsError(f"{origin}: {kind[0]} is {state[kind[0]].dtype}, the model holds {model_state[kind[0]].dtype}")
     bad = sorted(k for k in model_state if k in state and state[k].is_floating_point() and not torch.isfinite(state[k]).all())
     if bad:
         raise WeightsError(f"{origin}: {len(bad)} weight tensors hold NaN or infinite values, e.g. {bad[0]}")
-    fitted = {k: state[k] for k in model_state if k in state}
-    model.load_state_dict(fitted, strict=False)
-    return sorted(k for k in state if k not in fitted)
+    negative = sorted(k for k in model_state if k.endswith("running_var") and k in state and bool((state[k] < 0).any()))
+    if negative:
+        raise WeightsError(f"{origin}: {negative[0]} has negative variances")
+    return sorted(k for k in state if k not in model_state)
+
+
+def load_exact(model: nn.Module, state: dict[str, Tensor], name: str, origin: str) -> list[str]:
+    """Load ``state`` into ``model`` after :func:`check_exact`. Returns the keys left out."""
+    ignored = check_exact(model, state, name, origin)
+    model.load_state_dict({k: v for k, v in state.items() if k not in ignored}, strict=False)
+    return ignored
 
 
 def _load_into(name: str, kwargs: dict[str, Any], state: dict[str, Tensor], origin: str) -> tuple[nn.Module, list[str]]:
@@ -253,7 +269,7 @@ def create_backbone(
         transform = replace(transform, mean=(0.0,) * transform.channels, std=(1.0,) * transform.channels)
 
     apply_freeze(model, cfg)
-    backbone = Backbone(model, cfg.name, int(model.num_features), cfg.freeze, transform, info, train_roots(model))
+    backbone = Backbone(model, cfg.name, int(model.num_features), cfg.freeze, transform, info, kwargs, train_roots(model))
     backbone.set_train(False)
     return backbone
 

@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from cl.config import config_hash
 from cl.data.benchmark import Benchmark
+from cl.errors import WeightsError
 from cl.models.backbone import Backbone
-from cl.utils import atomic_save, load_error_summary, tensor_sha256
+from cl.utils import atomic_save, load_error_summary, remove_stale_temps, tensor_sha256
 
 
 @torch.no_grad()
@@ -44,16 +45,26 @@ def extract_features(
         model.to(memory_format=torch.contiguous_format)
     if not chunks:
         return torch.empty((0, backbone.feature_dim))
-    return torch.cat(chunks)
+    features = torch.cat(chunks)
+    bad = int((~torch.isfinite(features)).any(dim=1).sum())
+    if bad:  # never cached, never trained on
+        raise WeightsError(f"backbone {backbone.name} gives non-finite features (NaN or inf) for {bad} of {len(features)} "
+                           f"images; its weights are unusable (a diverged pretraining?)")
+    return features
 
 
-def feature_cache_key(backbone: Backbone, bench: Benchmark) -> str:
+def feature_cache_key(backbone: Backbone, bench: Benchmark, device: torch.device) -> str:
+    """Everything the features depend on: weights, architecture and its kwargs (pooling, activations
+    change features, not weights), input pipeline, images, thread count and device."""
     return config_hash(
         {
             "weights": backbone.weights.get("sha256"),
             "arch": backbone.name,
+            "kwargs": backbone.kwargs,
             "transform": backbone.transform.to_dict(),
             "pool": tensor_sha256(bench.source.x_train, bench.source.x_test),
+            "threads": torch.get_num_threads(),
+            "device": device.type,
         }
     )
 
@@ -73,7 +84,7 @@ def cached_features(
     whose bytes no longer match is rebuilt with a warning, never used. A cache that cannot be
     written (read-only, full) costs only the reuse.
     """
-    path = cache_dir / "features" / f"{feature_cache_key(backbone, bench)}.safetensors" if cache_dir else None
+    path = cache_dir / "features" / f"{feature_cache_key(backbone, bench, device)}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
         cached = _read_verified(path, len(bench.source.x_train), len(bench.source.x_test), backbone.feature_dim)
         if cached is not None:
@@ -81,6 +92,7 @@ def cached_features(
     train = extract_features(backbone, bench.source.x_train, batch_size, device, progress, "features (train)")
     test = extract_features(backbone, bench.source.x_test, batch_size, device, progress, "features (test)")
     if path is not None:
+        remove_stale_temps(path.parent, min_age_s=3600)  # left by a writer killed an hour ago or more
         tensors = {"train": train.contiguous(), "test": test.contiguous()}
         try:
             atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata={"sha256": tensor_sha256(train, test)}))

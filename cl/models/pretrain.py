@@ -25,8 +25,8 @@ from cl.config import BackboneConfig, PretrainConfig, config_hash
 from cl.data.benchmark import Benchmark, Split, build_benchmark, make_transform
 from cl.data.transforms import BatchTransform, random_crop_flip
 from cl.errors import TrainingDiverged
-from cl.models.backbone import create_model
-from cl.utils import atomic_save, git_info, load_error_summary, package_versions, state_dict_sha256, tensor_sha256, write_json
+from cl.models.backbone import check_exact, create_model
+from cl.utils import atomic_save, git_info, load_error_summary, remove_stale_temps, package_versions, state_dict_sha256, tensor_sha256, write_json
 
 
 def pretraining_data(pcfg: PretrainConfig, bench: Benchmark, data_root: Path, seed: int) -> tuple[Tensor, Tensor, BatchTransform, str]:
@@ -44,7 +44,8 @@ def pretraining_data(pcfg: PretrainConfig, bench: Benchmark, data_root: Path, se
     return x, y, make_transform(src.source, src_cfg), f"benchmark {src_cfg.dataset.name} ({src.n_classes} classes)"
 
 
-def pretrain_key(cfg: BackboneConfig, pcfg: PretrainConfig, x: Tensor, y: Tensor, transform: BatchTransform) -> str:
+def pretrain_key(cfg: BackboneConfig, pcfg: PretrainConfig, x: Tensor, y: Tensor, transform: BatchTransform, device: torch.device) -> str:
+    """Everything the pretrained weights depend on, bit for bit: the thread count and device too."""
     return config_hash(
         {
             "arch": cfg.name,
@@ -52,6 +53,8 @@ def pretrain_key(cfg: BackboneConfig, pcfg: PretrainConfig, x: Tensor, y: Tensor
             "pretrain": pcfg.model_dump(mode="json"),
             "data": tensor_sha256(x, y),
             "transform": transform.to_dict(),
+            "threads": torch.get_num_threads(),
+            "device": device.type,
         }
     )
 
@@ -103,9 +106,11 @@ def train_supervised(
             loss_sum += loss.item() * len(yb)
             bar.update()
         history.append({"epoch": epoch, "loss": loss_sum / seen, "train_acc": correct / seen})
-        # A finite but exploded loss is divergence too: cross-entropy at chance is ln(C), and no
-        # healthy epoch averages a hundred times that.
-        if loss_sum / seen > 100 * max(math.log(n_classes), 1.0):
+        # A finite but exploded loss is divergence too: cross-entropy at chance is ln(C); no healthy
+        # epoch averages a hundred times that, and no healthy training ends above three times it.
+        chance = max(math.log(n_classes), 1e-3)
+        limit = 100 * chance if epoch < pcfg.epochs - 1 else 3 * chance
+        if loss_sum / seen > limit:
             raise TrainingDiverged(
                 f"pretraining diverged (mean loss {loss_sum / seen:.3g} in epoch {epoch}, chance is {math.log(n_classes):.2f}); "
                 f"lower backbone.weights.pretrain.lr (now {pcfg.lr}). Nothing was cached"
@@ -136,16 +141,17 @@ def get_pretrained(
     """
     pcfg = cfg.weights.pretrain or PretrainConfig()
     x, y, transform, description = pretraining_data(pcfg, bench, data_root, seed)
-    key = pretrain_key(cfg, pcfg, x, y, transform)
+    key = pretrain_key(cfg, pcfg, x, y, transform, device)
     path = cache_dir / "backbones" / f"{cfg.name}-{key}.safetensors"
     meta_path = path.with_suffix(".json")
-    cached = _read_cached(path, meta_path, key)
-    if cached is not None:
-        return cached
     kwargs = dict(cfg.kwargs)
     kwargs.setdefault("in_chans", transform.channels)
     torch.manual_seed(pcfg.seed)
     model = create_model(cfg.name, kwargs)  # a backbone.kwargs typo is a one-line error before training
+    remove_stale_temps(path.parent, min_age_s=3600)  # left by a writer killed an hour ago or more
+    cached = _read_cached(path, meta_path, key, model)
+    if cached is not None:
+        return cached
     start = time.perf_counter()
     stats = train_supervised(model, x, y, transform, pcfg, device, progress)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -159,6 +165,8 @@ def get_pretrained(
         "pretrain": pcfg.model_dump(mode="json"),
         "transform": transform.to_dict(),
         "data_sha256": tensor_sha256(x, y),
+        "threads": torch.get_num_threads(),
+        "device": device.type,
         "wall_time_s": round(time.perf_counter() - start, 3),
         "git": git_info(),
         "packages": package_versions(),
@@ -173,8 +181,9 @@ def get_pretrained(
     return state, {**meta, "cache": "miss"}
 
 
-def _read_cached(path: Path, meta_path: Path, key: str) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
-    """A cached pretrained backbone, verified against its recorded checksum; None to rebuild it."""
+def _read_cached(path: Path, meta_path: Path, key: str, model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """A cached pretrained backbone, verified against its recorded checksum and checked to fit
+    ``model`` exactly with finite values (left untouched); None to rebuild it."""
     if not path.is_file():
         return None
     try:
@@ -184,6 +193,7 @@ def _read_cached(path: Path, meta_path: Path, key: str) -> tuple[dict[str, Tenso
             raise ValueError("provenance file missing or of another backbone")
         if state_dict_sha256(state) != meta.get("sha256"):
             raise ValueError("checksum mismatch")
+        check_exact(model, state, str(meta.get("arch")), str(path))
     except Exception as err:  # noqa: BLE001 - anything wrong with a cache entry: rebuild it
         warnings.warn(f"cached backbone {path} is unusable ({load_error_summary(err)}); pretraining again", stacklevel=3)
         return None
