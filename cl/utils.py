@@ -67,7 +67,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         except OSError:
             raise
         except Exception as err:
-            if _disk_full(path.parent):
+            if "No space left on device" in str(err) or _disk_full(path.parent):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
             raise
         with open(tmp_path, "rb+") as fh:

@@ -325,3 +325,255 @@ def test_a_long_run_name_with_overrides_still_fits_a_folder_name(tmp: Path, shar
     code, out, _ = cli(capsys, "run", str(path), "--dry-run", "--set", "strategy.lr=0.5")
     name = yaml.safe_load("\n".join(ln for ln in out.splitlines() if not ln.startswith("#")))["run_name"]
     assert code == 0 and name.startswith(long[:109] + ",") and len(name) <= 120 and "+h" in name
+
+
+# ---- second round: caches, finished runs, compare and shift on damaged runs, full disks -----------------
+
+
+def test_backbone_kwargs_that_add_no_weights_still_key_the_feature_cache(tmp: Path, capsys):
+    base = tiny_config(tmp, strategy={"name": "simplecil"}, backbone={"name": "test_resnet", "weights": {"source": "none", "pretrain": None}})
+    results = {}
+    for name, pool, cache in (("avg", "avg", "c1"), ("max", "max", "c1"), ("max_cold", "max", "c2")):
+        config = {**base, "run_name": name, "cache_dir": str(tmp / cache), "backbone": {**base["backbone"], "kwargs": {"global_pool": pool}}}
+        assert cli(capsys, "run", str(write_yaml(tmp / f"{name}.yaml", config)))[0] == 0
+        results[name] = json.loads((tmp / "runs" / "tiny" / name / "seed0" / "metrics.json").read_text())
+    assert results["max"]["feature_cache"] == "miss"  # not the avg-pool features of the shared cache
+    assert results["max"]["acc_matrix"] == results["max_cold"]["acc_matrix"]
+
+
+@pytest.mark.parametrize("damage", ["swapped", "empty_object", "string_number"])
+def test_a_finished_run_reports_only_its_own_metrics(tmp: Path, shared_cache: Path, capsys, damage: str):
+    for name, lr in (("a", 0.01), ("b", 0.1)):
+        config = tiny_config(tmp, cache_dir=str(shared_cache), run_name=name, strategy={"name": "er", "memory_size": 24, "lr": lr})
+        assert cli(capsys, "run", str(write_yaml(tmp / f"{name}.yaml", config)))[0] == 0
+    a = tmp / "runs" / "tiny" / "a" / "seed0" / "metrics.json"
+    if damage == "swapped":
+        shutil.copy(tmp / "runs" / "tiny" / "b" / "seed0" / "metrics.json", a)
+    elif damage == "empty_object":
+        a.write_text("{}")
+    else:
+        a.write_text(json.dumps({**json.loads(a.read_text()), "final_acc": "0.99"}))
+    code, _, err = cli(capsys, "run", str(tmp / "a.yaml"), "--resume")
+    expected = "is unreadable or belongs to another run" if damage != "string_number" else "is not this run's metrics (final_acc is not a number)"
+    one_line_error(code, err, expected)
+
+
+def test_pretraining_is_keyed_by_its_thread_count(tmp: Path, capsys):
+    config = tiny_config(tmp, strategy={"name": "simplecil"}, num_threads=1)
+    path = write_yaml(tmp / "cfg.yaml", config)
+    code, out, _ = cli(capsys, "pretrain", str(path))
+    assert code == 0 and "(miss," in out
+    assert cli(capsys, "run", str(path))[0] == 0
+    env = json.loads((tmp / "runs" / "tiny" / "simplecil" / "seed0" / "env.json").read_text())
+    assert env["backbone"]["cache"] == "hit" and env["backbone"]["threads"] == 1
+    code, out, _ = cli(capsys, "pretrain", str(path), "--set", "num_threads=2")
+    assert code == 0 and "(miss," in out  # another thread count is another cache entry
+
+
+def test_a_diverged_pretraining_below_the_explosion_bound_is_still_refused(tmp: Path, capsys):
+    config = tiny_config(tmp, strategy={"name": "simplecil"},
+                         backbone={"name": "test_resnet", "weights": {"source": "pretrain", "pretrain": {"epochs": 2, "lr": 30.0}}})
+    code, _, err = cli(capsys, "run", str(write_yaml(tmp / "cfg.yaml", config)))
+    assert code in (1, 2) and err.startswith("error: ") and ("pretraining diverged" in err or "non-finite features" in err), err
+    assert not list((tmp / "cache").rglob("*.safetensors")) and not (tmp / "runs").exists()
+
+
+def test_compare_reports_each_row_in_its_own_scenario(tmp: Path, shared_cache: Path, capsys):
+    for name, scenario in (("b_cil", "class_incremental"), ("a_til", "task_incremental")):
+        config = tiny_config(tmp, cache_dir=str(shared_cache), run_name=name, strategy={"name": "finetune", "lr": 0.05},
+                             benchmark={"scenario": scenario})
+        assert cli(capsys, "run", str(write_yaml(tmp / f"{name}.yaml", config)))[0] == 0
+    code, out, _ = cli(capsys, "compare", str(tmp / "runs"), "--out", str(tmp / "rep"))
+    metrics = {n: json.loads((tmp / "runs" / "tiny" / n / "seed0" / "metrics.json").read_text()) for n in ("a_til", "b_cil")}
+    rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith(("a_til", "b_cil"))}
+    assert code == 0 and rows["a_til"][2] == "task-aware" and rows["b_cil"][2] == "class-incremental"
+    assert float(rows["a_til"][3]) == pytest.approx(100 * metrics["a_til"]["task_aware"]["final_acc"], abs=0.05)
+    assert float(rows["b_cil"][3]) == pytest.approx(100 * metrics["b_cil"]["final_acc"], abs=0.05)
+
+
+def test_compare_never_pools_runs_on_different_weight_files(tmp: Path, capsys):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    for seed, name in ((0, "w0"), (1, "w1")):
+        torch.manual_seed(seed)
+        save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet", num_classes=0, in_chans=1).state_dict().items()}, str(tmp / f"{name}.safetensors"))
+        config = tiny_config(tmp, seed=seed, out_dir=str(tmp / f"out{seed}"), strategy={"name": "simplecil"},
+                             backbone={"name": "test_resnet", "weights": {"source": "file", "path": str(tmp / f"{name}.safetensors")}})
+        assert cli(capsys, "run", str(write_yaml(tmp / f"{name}.yaml", config)))[0] == 0
+    code, out, _ = cli(capsys, "compare", str(tmp / "out0"), str(tmp / "out1"), "--out", str(tmp / "rep"))
+    rows = [ln for ln in out.splitlines() if ln.startswith("simplecil")]
+    assert code == 0 and len(rows) == 2 and all("weights_sha256=" in r for r in rows), out
+
+
+DAMAGED_METRICS = [
+    ("stored_bytes_strings", {"stored_bytes": ["a"]}),
+    ("memory_bytes_string", {"memory_bytes": "x"}),
+    ("matrix_missing_a_row", "drop_row"),
+    ("anytime_not_lists", {"anytime": 5}),
+    ("zero_test_samples", {"n_test_per_task": [0, 0, 0]}),
+]
+
+
+@pytest.mark.parametrize("case, change", DAMAGED_METRICS, ids=[c for c, _ in DAMAGED_METRICS])
+def test_compare_skips_runs_with_damaged_fields(tmp: Path, shared_cache: Path, capsys, case, change):
+    for name in ("good", "bad"):
+        config = tiny_config(tmp, cache_dir=str(shared_cache), run_name=name, strategy={"name": "simplecil"})
+        assert cli(capsys, "run", str(write_yaml(tmp / f"{name}.yaml", config)))[0] == 0
+    path = tmp / "runs" / "tiny" / "bad" / "seed0" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics = {**metrics, "acc_matrix": metrics["acc_matrix"][:-1]} if change == "drop_row" else {**metrics, **change}
+    path.write_text(json.dumps(metrics))
+    with pytest.warns(UserWarning, match="skipping .*bad/seed0: unreadable"):
+        code, out, err = cli(capsys, "compare", str(tmp / "runs"), "--out", str(tmp / "rep"))
+    assert code == 0 and "good" in out and "bad" not in out and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("other_examples", "probes other examples of task0 than exp0"),
+    ("swapped", "holds tasks [0, 1], expected 0..0"),
+    ("badly_named", "not named exp<k>.safetensors"),
+    ("cut_features", "has shape"),
+])
+def test_shift_refuses_probe_files_that_do_not_belong_together(tmp: Path, shared_cache: Path, capsys, damage, message):
+    from safetensors.torch import load_file, save_file
+
+    runs = {}
+    for per_class in (3, 5):
+        config = tiny_config(tmp, cache_dir=str(shared_cache), run_name=f"p{per_class}", strategy={"name": "simplecil"},
+                             shift={"enabled": True, "per_class": per_class})
+        assert cli(capsys, "run", str(write_yaml(tmp / f"p{per_class}.yaml", config)))[0] == 0
+        runs[per_class] = tmp / "runs" / "tiny" / f"p{per_class}" / "seed0"
+    probes = runs[5] / "probes"
+    if damage == "other_examples":
+        shutil.copy(runs[3] / "probes" / "exp1.safetensors", probes / "exp1.safetensors")
+    elif damage == "swapped":
+        (probes / "exp0.safetensors").rename(probes / "tmp.safetensors")
+        (probes / "exp1.safetensors").rename(probes / "exp0.safetensors")
+        (probes / "tmp.safetensors").rename(probes / "exp1.safetensors")
+    elif damage == "badly_named":
+        (probes / "exp2.safetensors").rename(probes / "exp-1.safetensors")
+    else:
+        tensors = load_file(str(probes / "exp1.safetensors"))
+        key = next(k for k in tensors if k.startswith("task0/feat/"))
+        save_file({**tensors, key: tensors[key][:-1].contiguous()}, str(probes / "exp1.safetensors"))
+    code, _, err = cli(capsys, "shift", str(runs[5]))
+    one_line_error(code, err, message)
+
+
+@pytest.fixture
+def tiny_disk(tmp: Path):
+    """A real 300 KB filesystem (tmpfs), to fill up; skipped where mounting is not allowed."""
+    import subprocess
+
+    mount = tmp / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("where", ["out_dir", "cache"])
+def test_a_real_full_disk_is_one_line_or_costs_only_the_cache(tmp: Path, shared_cache: Path, capsys, tiny_disk: Path, where: str):
+    (tiny_disk / "filler").write_bytes(b"\0" * 200_000)
+    if where == "out_dir":
+        config = tiny_config(tmp, cache_dir=str(shared_cache), out_dir=str(tiny_disk / "runs"), strategy={"name": "er", "memory_size": 24},
+                             backbone={"name": "test_resnet", "freeze": "all", "cache_features": False,
+                                       "weights": {"source": "pretrain", "pretrain": {"epochs": 2, "batch_size": 32}}})
+        code, _, err = cli(capsys, "run", str(write_yaml(tmp / "cfg.yaml", config)))
+        one_line_error(code, err, "No space left on device")
+        assert not [p for p in tiny_disk.rglob("*") if p.name.endswith(".tmp")]
+    else:
+        config = tiny_config(tmp, cache_dir=str(tiny_disk / "cache"), strategy={"name": "simplecil"})
+        with pytest.warns(UserWarning, match="could not"):
+            code, out, err = cli(capsys, "run", str(write_yaml(tmp / "cfg.yaml", config)))
+        assert code == 0 and "final_acc=" in out, err
+
+
+def test_clearing_a_run_keeps_its_marker_until_it_is_replaced(tmp: Path):
+    from cl.engine.rundir import MARKER, _clear
+
+    run_dir = tmp / "r"
+    (run_dir / "ckpt").mkdir(parents=True)
+    for name in (MARKER, "metrics.json", "log.jsonl", "ckpt/last.pt"):
+        (run_dir / name).write_text("x")
+    _clear(run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == [MARKER]
+
+
+def test_outcomes_hold_absolute_paths_so_compare_works_from_anywhere(tmp: Path, shared_cache: Path, capsys, monkeypatch):
+    write_yaml(tmp / "base.yaml", tiny_config(tmp, cache_dir=str(shared_cache), out_dir="rel", strategy={"name": "simplecil"}))
+    bad = {"name": "bad", "overrides": {"backbone": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1},
+                                                     "weights": {"source": "none", "pretrain": None}}, "strategy": {"name": "finetune"}}}
+    suite = write_yaml(tmp / "suite.yaml", {"suite": "s", "config": "base.yaml", "strategies": [{"name": "ncm"}, bad]})
+    monkeypatch.chdir(tmp)
+    assert cli(capsys, "sweep", str(suite))[0] == 1
+    outcomes = json.loads((tmp / "rel" / "s" / "outcomes.json").read_text())
+    assert all(Path(o["run_dir"]).is_absolute() for o in outcomes)
+    monkeypatch.chdir("/")
+    code, out, _ = cli(capsys, "compare", str(tmp / "rel"), "--out", str(tmp / "rep"))
+    assert code == 0 and out.count("bad seed 0: failed") == 1 and "unfinished" not in out, out
+
+
+def test_provenance_never_writes_into_the_repository(monkeypatch):
+    import subprocess
+
+    from cl import utils
+
+    seen = []
+    real = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: (seen.append(args), real(args, **kw))[1])
+    utils.git_info()
+    assert seen and all(a[:2] == ["git", "--no-optional-locks"] for a in seen)
+
+
+def test_resume_removes_temp_files_of_interrupted_writes_and_invalid_log_lines(tmp: Path, shared_cache: Path, capsys):
+    path = write_yaml(tmp / "cfg.yaml", tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "er", "memory_size": 24}))
+    assert cli(capsys, "run", str(path), "--stop-after", "1")[0] == 0
+    run_dir = tmp / "runs" / "tiny" / "er" / "seed0"
+    (run_dir / "ckpt" / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    log = run_dir / "log.jsonl"
+    log.write_bytes(b"garbage\n" + log.read_bytes())
+    assert cli(capsys, "run", str(path), "--resume")[0] == 0
+    assert not list(run_dir.rglob("*.tmp"))
+    events = [json.loads(line) for line in log.read_text().splitlines()]  # every line is JSON again
+    assert next(e for e in events if e["event"] == "resume")["log_lines_dropped"] == 1
+
+
+@pytest.mark.parametrize("case, message", [
+    ("int_weights", "is torch.int64, the model holds torch.float32"),
+    ("negative_variance", "running_var has negative variances"),
+])
+def test_weights_of_the_wrong_kind_are_refused(tmp: Path, capsys, case, message):
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.test_trust import _resnet_state
+
+    state = _resnet_state()
+    if case == "int_weights":
+        state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"].round().long()
+    else:
+        state["layer1.0.bn1.running_var"] = -torch.ones_like(state["layer1.0.bn1.running_var"])
+    save_file(state, str(tmp / "w.safetensors"))
+    config = tiny_config(tmp, strategy={"name": "simplecil"}, backbone={"name": "test_resnet", "weights": {"source": "file", "path": str(tmp / "w.safetensors")}})
+    code, _, err = cli(capsys, "run", str(write_yaml(tmp / "cfg.yaml", config)))
+    one_line_error(code, err, message)
+
+
+def test_stop_after_with_a_strategy_that_cannot_checkpoint(tmp: Path, shared_cache: Path, capsys):
+    config = tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "avalanche", "method": "naive"})
+    code, _, err = cli(capsys, "run", str(write_yaml(tmp / "cfg.yaml", config)), "--stop-after", "1")
+    one_line_error(code, err, "strategy 'avalanche' cannot be checkpointed")
+
+
+def test_a_run_file_that_is_a_directory_is_refused_before_any_work(tmp: Path, shared_cache: Path, capsys):
+    path = write_yaml(tmp / "cfg.yaml", tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "er", "memory_size": 24}))
+    assert cli(capsys, "run", str(path), "--stop-after", "1")[0] == 0
+    (tmp / "runs" / "tiny" / "er" / "seed0" / "metrics.json").mkdir()
+    code, _, err = cli(capsys, "run", str(path), "--resume")
+    one_line_error(code, err, "metrics.json is not a regular file")

@@ -250,6 +250,18 @@ def check_before_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> None:
         raise _unfinished(run_dir)
 
 
+def _check_finished_metrics(run_dir: Path, marker: dict[str, Any]) -> None:
+    """A finished run's metrics.json must be the one this run wrote: readable, with its identity."""
+    path = run_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        same = isinstance(metrics, dict) and metrics.get("identity") == marker.get("identity")
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        raise RunDirError(f"{path} is unreadable or belongs to another run; pass --overwrite to re-run")
+
+
 def planned_state(cfg: RunConfig) -> tuple[str, str | None]:
     """What a run would do with its directory, from the config alone (no data or weights loaded).
 
@@ -263,7 +275,10 @@ def planned_state(cfg: RunConfig) -> tuple[str, str | None]:
     diff = identity_diff(marker, {"config": result_hash(cfg)}, result_config(cfg))
     if diff:
         return "conflict", diff
-    return ("finished" if is_finished(run_dir) else "unfinished"), None
+    if is_finished(run_dir):
+        _check_finished_metrics(run_dir, marker)
+        return "finished", None
+    return "unfinished", None
 
 
 def _clear(run_dir: Path) -> None:
