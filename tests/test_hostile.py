@@ -577,3 +577,16 @@ def test_a_run_file_that_is_a_directory_is_refused_before_any_work(tmp: Path, sh
     (tmp / "runs" / "tiny" / "er" / "seed0" / "metrics.json").mkdir()
     code, _, err = cli(capsys, "run", str(path), "--resume")
     one_line_error(code, err, "metrics.json is not a regular file")
+
+
+def test_a_dry_run_writes_nothing_even_in_an_existing_run(tmp: Path, shared_cache: Path, capsys):
+    path = write_yaml(tmp / "cfg.yaml", tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "er", "memory_size": 24}))
+    assert cli(capsys, "run", str(path), "--stop-after", "1")[0] == 0
+
+    def snapshot() -> dict:
+        return {str(p): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in sorted(tmp.rglob("*"))}
+
+    before = snapshot()
+    assert cli(capsys, "run", str(path), "--dry-run", "--resume")[0] == 0
+    assert cli(capsys, "run", str(path), "--dry-run", "--set", "strategy.lr=0.3")[0] == 0
+    assert snapshot() == before

@@ -237,8 +237,9 @@ def check_before_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> None:
     run_dir = check_run_dir(cfg)
     check_writable(run_dir)
     check_ours(run_dir, clearing=overwrite)
-    if (run_dir / LOCK).is_file():
-        RunLock(run_dir).release()  # busy now: say so at once, not after loading everything
+    holder = lock_holder(run_dir)
+    if holder is not None:  # busy now: say so at once, not after loading everything
+        raise RunDirError(f"{run_dir} is in use by another cl process (pid {holder}); wait for it or stop it")
     if overwrite:
         return
     state, diff = planned_state(cfg)
@@ -291,6 +292,22 @@ def _clear(run_dir: Path) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """The pid recorded by the process holding the run's lock, or None if it is free (writes nothing)."""
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except OSError:
+        return os.read(fd, 64).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)
 
 
 class RunLock:
