@@ -115,14 +115,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _dry_run(cfg: RunConfig, args: argparse.Namespace) -> int:
     from cl.config import config_to_dict
-    from cl.yamlio import yaml_text
     from cl.engine.rundir import check_before_run, planned_state
+    from cl.yamlio import yaml_text
 
     print(yaml_text(config_to_dict(cfg)).rstrip())
     check_before_run(cfg, resume=args.resume, overwrite=args.overwrite)  # the same refusals as the real run
-    state, _ = planned_state(cfg)
-    action = {"new": "run", "finished": "report the finished run", "unfinished": "resume" if args.resume else "refuse (unfinished; --resume or --overwrite)"}[state]
-    print(f"# run directory: {cfg.run_dir()} -> {'run (overwrite)' if args.overwrite else action}")
+    if args.overwrite:
+        action = "run (overwrite)"
+    else:
+        state, _ = planned_state(cfg)
+        resumable = any((cfg.run_dir() / "ckpt").glob("*.pt"))
+        action = {"new": "run", "finished": "report the finished run (if data and weights match)",
+                  "unfinished": "resume" if resumable else "restart (it stopped before its first checkpoint)"}[state]
+    print(f"# run directory: {cfg.run_dir()} -> {action}")
     return 0
 
 
