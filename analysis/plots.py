@@ -299,3 +299,50 @@ def bn_error_compare(runs: Mapping[str, Mapping[str, Mapping[str, float]]], path
     ax.legend(fontsize=6, ncol=2)
     ax.set_title(title or "BatchNorm statistics used for old tasks vs their true values")
     return _save(fig, path)
+
+
+def tuning_trials(
+    trials: Sequence[tuple[int, float | None, str]], params: Mapping[str, Sequence[tuple[object, float]]], path: str | Path,
+    title: str = "", maximize: bool = True,
+) -> Path:
+    """Objective per trial with the best so far (left), then the objective against each parameter.
+
+    Args:
+        trials: (trial number, objective or None, state) for every trial.
+        params: parameter -> (value, objective) of the completed trials.
+    """
+    n = 1 + len(params)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    ax = axes[0][0]
+    done = [(t, v) for t, v, state in trials if v is not None and state == "complete"]
+    pruned = [t for t, _, state in trials if state == "pruned"]
+    if done:
+        xs, ys = zip(*done)
+        ax.scatter(xs, ys, s=18, label="complete")
+        best, run = [], None
+        for y in ys:
+            run = y if run is None else (max(run, y) if maximize else min(run, y))
+            best.append(run)
+        ax.step(xs, best, where="post", color="C3", label="best so far")
+    for t in pruned:
+        ax.axvline(t, color="0.85", lw=0.8, zorder=0)
+    ax.set_xlabel("trial (grey lines: pruned)")
+    ax.set_ylabel("validation objective")
+    ax.legend(fontsize=8)
+    for ax, (name, points) in zip(axes[0][1:], params.items()):
+        values = [v for v, _ in points]
+        objective = [o for _, o in points]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric:
+            ax.scatter(values, objective, s=18)
+            positive = [v for v in values if v > 0]
+            if positive and len(positive) == len(values) and max(values) / min(values) > 50:
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(v) for v in values})
+            ax.scatter([labels.index(str(v)) for v in values], objective, s=18)
+            ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+        ax.set_xlabel(name)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, help="existing Ray cluster ('auto', 'ray://host:10001'); default: a local instance")
     p.add_argument("--dry-run", action="store_true", help="list every run directory and whether it would be run, resumed or reused")
 
+    p = sub.add_parser("tune", help="hyper-parameter search on validation data (the test set is sealed)")
+    p.add_argument("tune_file")
+    _common(p)
+    p.add_argument("--trials", type=int, default=None, help="trials per study (default: the file's)")
+    p.add_argument("--overwrite", action="store_true", help="start the studies again instead of resuming them")
+
     p = sub.add_parser("compare", help="compare finished runs: tables over seeds, plots, HTML report")
     p.add_argument("paths", nargs="+", help="run directories, or directories containing them")
     p.add_argument("--out", default="report", help="output directory (default: ./report)")
@@ -155,6 +161,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from cl.engine.tune import tune
+
+    if args.trials is not None and args.trials < 1:
+        raise UserError(f"--trials must be >= 1, got {args.trials}")
+    summary = tune(args.tune_file, args.overrides, args.out, trials=args.trials, overwrite=args.overwrite)
+    for name, st in summary["studies"].items():
+        print(f"{name}: best validation {summary['objective'].split()[-1]} {st['best_value']:.4f} with {st['best_params']} "
+              f"({st['complete']} complete, {st['pruned']} pruned, {st['wall_time_s']:.1f}s)")
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from analysis.report import discover_runs, write_report
 
@@ -205,7 +223,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "run": _cmd_run, "sweep": _cmd_sweep, "compare": _cmd_compare, "pretrain": _cmd_pretrain, "shift": _cmd_shift, "list": _cmd_list,
+    "run": _cmd_run, "sweep": _cmd_sweep, "tune": _cmd_tune, "compare": _cmd_compare, "pretrain": _cmd_pretrain, "shift": _cmd_shift, "list": _cmd_list,
 }
 
 

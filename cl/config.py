@@ -116,6 +116,20 @@ class OnlineConfig(Model):
     )
 
 
+class ValidationConfig(Model):
+    """A class-stratified validation split carved from each experience's training data (never test)."""
+
+    fraction: float | None = Field(None, gt=0, lt=1, description="share of each class's training samples")
+    per_class: int | None = Field(None, ge=1, description="training samples per class moved to validation")
+    seed: Seed = Field(0, description="seed of the split (independent of the run seed: every seed sees the same split)")
+
+    @model_validator(mode="after")
+    def _one(self) -> ValidationConfig:
+        if (self.fraction is None) == (self.per_class is None):
+            raise ValueError("give exactly one of 'fraction' and 'per_class'")
+        return self
+
+
 class BenchmarkConfig(Model):
     dataset: Annotated[DatasetConfig, Polymorphic(BENCHMARKS)]
     scenario: Literal["class_incremental", "task_incremental", "online"] = "class_incremental"
@@ -131,6 +145,9 @@ class BenchmarkConfig(Model):
     image_size: int | None = Field(None, ge=1, description="resize inputs to this size (null = native)")
     channels: Literal[1, 3] | None = Field(None, description="convert inputs to this many channels")
     online: OnlineConfig = Field(default_factory=OnlineConfig)
+    validation: ValidationConfig | None = Field(
+        None, description="hold out part of each experience's training data: evaluated after every experience, used by cl tune"
+    )
 
 
 class PretrainConfig(Model):

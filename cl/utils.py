@@ -23,7 +23,7 @@ from torch import Tensor, nn
 # unless a config sets num_threads, so every process of a sweep builds and finds the same entries.
 DEFAULT_THREADS = torch.get_num_threads()
 
-PACKAGES = ("torch", "torchvision", "timm", "avalanche-lib", "numpy", "scikit-learn", "matplotlib", "pydantic", "PyYAML", "tqdm", "safetensors")
+PACKAGES = ("torch", "torchvision", "timm", "avalanche-lib", "numpy", "scikit-learn", "matplotlib", "pydantic", "PyYAML", "tqdm", "safetensors", "optuna")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 

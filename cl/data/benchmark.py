@@ -58,6 +58,25 @@ class Split:
             yield self.x[idx], self.y[idx]
 
 
+class SealedDataError(RuntimeError):
+    """Test data was read where only training and validation data may be (hyper-parameter search)."""
+
+
+class SealedSplit:
+    """Stands in for a test split during tuning: reading it in any way raises :class:`SealedDataError`."""
+
+    def __init__(self, index: int) -> None:
+        self._index = index
+
+    def _refuse(self, *args: object, **kwargs: object) -> Any:
+        raise SealedDataError(f"test data of experience {self._index} was read during hyper-parameter search")
+
+    __len__ = __iter__ = batches = _refuse  # type: ignore[assignment]
+
+    def __getattr__(self, name: str) -> Any:
+        self._refuse()
+
+
 @dataclass
 class Experience:
     """One step of the stream. Classes are contiguous ids ``lo..hi-1`` in order of appearance."""
@@ -68,6 +87,8 @@ class Experience:
     test: Split
     train_ids: Tensor  # rows of the train pool
     test_ids: Tensor
+    val: Split | None = None  # held out from the training data (benchmark.validation)
+    val_ids: Tensor | None = None  # rows of the train pool
 
     @property
     def task_id(self) -> int:
@@ -117,9 +138,24 @@ class Benchmark:
     def with_inputs(self, train_x: Tensor, test_x: Tensor) -> Benchmark:
         """Same stream with pool inputs replaced (e.g. by frozen features, row for row)."""
         exps = [
-            replace(e, train=Split(train_x[e.train_ids], e.train.y), test=Split(test_x[e.test_ids], e.test.y))
+            replace(
+                e, train=Split(train_x[e.train_ids], e.train.y), test=Split(test_x[e.test_ids], e.test.y),
+                val=None if e.val is None or e.val_ids is None else Split(train_x[e.val_ids], e.val.y),
+            )
             for e in self.experiences
         ]
+        return replace(self, experiences=exps)
+
+    @property
+    def has_validation(self) -> bool:
+        return all(e.val is not None for e in self.experiences)
+
+    def for_tuning(self, first_k: int | None = None) -> Benchmark:
+        """The stream as hyper-parameter search may see it: the first ``first_k`` experiences (all if
+        None), with every test split sealed. Any read of test data raises :class:`SealedDataError`."""
+        if not self.has_validation:
+            raise ValueError("tuning needs benchmark.validation")
+        exps = [replace(e, test=SealedSplit(e.index)) for e in self.experiences[: first_k or None]]
         return replace(self, experiences=exps)
 
     def content_sha256(self) -> str:
@@ -140,6 +176,7 @@ class Benchmark:
             "class_names": self.class_names,
             "classes_per_experience": [len(e.classes) for e in self.experiences],
             "train_samples_per_experience": [len(e.train) for e in self.experiences],
+            "validation_samples_per_experience": [len(e.val) for e in self.experiences] if self.has_validation else None,
             "test_samples_per_experience": [len(e.test) for e in self.experiences],
             "input_shape": list(self.input_shape),
             "transform": self.transform.to_dict(),
@@ -252,6 +289,14 @@ def build_benchmark(cfg: BenchmarkConfig, data_root: Path, seed: int) -> Benchma
         offset += sizes[i]
         train_ids, test_ids = _attribute(tr.dataset, "sample_id"), _attribute(te.dataset, "sample_id")
         train_ids, test_ids = train_ids.sort().values, test_ids.sort().values
+        # Avalanche's own (reordered) targets must agree with ours, row for row.
+        expected = _attribute(tr.dataset, "targets").sort().values
+        if not torch.equal(expected, _remap(source.y_train[train_ids], order).sort().values):
+            raise RuntimeError(f"label mismatch with the Avalanche stream at experience {i}")
+        val_ids = None
+        if cfg.validation is not None:
+            train_ids, val_ids = split_validation(source.y_train, train_ids, cfg.validation.fraction, cfg.validation.per_class,
+                                                  cfg.validation.seed, source.classes)
         experiences.append(
             Experience(
                 index=i,
@@ -260,14 +305,36 @@ def build_benchmark(cfg: BenchmarkConfig, data_root: Path, seed: int) -> Benchma
                 test=Split(source.x_test[test_ids], _remap(source.y_test[test_ids], order)),
                 train_ids=train_ids,
                 test_ids=test_ids,
+                val=None if val_ids is None else Split(source.x_train[val_ids], _remap(source.y_train[val_ids], order)),
+                val_ids=val_ids,
             )
         )
-        # Avalanche's own (reordered) targets must agree with ours, row for row.
-        expected = _attribute(tr.dataset, "targets").sort().values
-        if not torch.equal(expected, experiences[-1].train.y.sort().values):
-            raise RuntimeError(f"label mismatch with the Avalanche stream at experience {i}")
     native = (int(source.x_train.shape[-2]), int(source.x_train.shape[-1]))
     return Benchmark(cfg, source, order, experiences, transform, scenario, native)
+
+
+def split_validation(
+    y: Tensor, rows: Tensor, fraction: float | None, per_class: int | None, seed: int, names: list[str] | None = None
+) -> tuple[Tensor, Tensor]:
+    """(train rows, validation rows) of one experience: per class, a seeded random ``fraction`` (rounded,
+    at least one) or ``per_class`` of its training rows go to validation; at least one stays in train.
+
+    The draw for a class depends only on the seed and the class's original label, so the split is the
+    same whatever the class order or the run seed.
+    """
+    train, val = [], []
+    labels = y[rows]
+    for c in torch.unique(labels).tolist():
+        mine = rows[labels == c]
+        n = len(mine)
+        k = per_class if per_class is not None else max(1, round(n * (fraction or 0.0)))
+        if k >= n:
+            raise DataError(f"benchmark.validation: class '{names[c] if names else c}' has {n} training samples, too few to hold out {k} and keep one")
+        g = torch.Generator().manual_seed(seed * 1_000_003 + c)
+        perm = mine[torch.randperm(n, generator=g)]
+        val.append(perm[:k])
+        train.append(perm[k:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
 def _check_every_class(source: SourceData) -> None:

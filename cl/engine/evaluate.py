@@ -18,12 +18,12 @@ class EvalRow:
 
 
 @torch.no_grad()
-def evaluate(strategy: object, experiences: list[Experience], trained: int, batch_size: int, future: bool) -> EvalRow:
+def evaluate(strategy: object, experiences: list[Experience], trained: int, batch_size: int, future: bool, split: str = "test") -> EvalRow:
     """One row of the class-incremental and of the task-aware accuracy matrix.
 
     Args:
         strategy: anything with ``predict(x, task_id)`` and a ``task_aware_predict`` flag.
-        experiences: all experiences (their test splits are used).
+        experiences: all experiences (their ``split`` data is used: "test" or "val").
         trained: number of experiences trained so far (0 = before training).
         batch_size: evaluation batch size.
         future: also evaluate tasks not trained yet (task-aware only; needed for forward transfer).
@@ -54,7 +54,8 @@ def evaluate(strategy: object, experiences: list[Experience], trained: int, batc
         lo, hi = exp.class_range
         hits_cil = hits_til = hits_task = 0
         til_defined = True
-        for xb, yb in exp.test.batches(batch_size):
+        data = exp.val if split == "val" else exp.test
+        for xb, yb in data.batches(batch_size):
             if inferring is not None:
                 scores, tasks = inferring(xb)
                 hits_task += 0 if tasks is None else int((tasks == j).sum())
@@ -67,7 +68,7 @@ def evaluate(strategy: object, experiences: list[Experience], trained: int, batc
                 til_defined = False
                 continue
             hits_til += int(((task_scores.argmax(1) + lo).cpu() == yb).sum())
-        n = max(len(exp.test), 1)
+        n = max(len(data), 1)
         cil.append(None if is_future else hits_cil / n)
         til.append(hits_til / n if til_defined else None)
         if tinf is not None:

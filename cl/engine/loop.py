@@ -119,24 +119,30 @@ def prepare(cfg: RunConfig) -> Prepared:
     start = time.perf_counter()
     strategy_cls = STRATEGIES.get(cfg.strategy.name)
     inputs = prepare_inputs(cfg, want_features=strategy_cls.input_kind == "features")
+    prep = _with_strategy(cfg, inputs, inputs.bench)
+    if cfg.shift.enabled:
+        _check_probe_layers(cfg, inputs)
+    prep.setup["setup_time_s"] = time.perf_counter() - start
+    return prep
+
+
+def _with_strategy(cfg: RunConfig, inputs: Inputs, bench: Benchmark) -> Prepared:
+    """The strategy of ``cfg`` built on prepared inputs, after the checks that need them."""
     memory = getattr(cfg.strategy, "memory_size", None)
-    n_train = sum(len(e.train) for e in inputs.bench.experiences)
+    n_train = sum(len(e.train) for e in bench.experiences)
     if memory is not None and memory > n_train:
         raise ConfigError(f"strategy.memory_size: {memory} exceeds the {n_train} training samples of the stream")
+    _check_batchnorm_batches(cfg, inputs)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)  # strategy initialisation does not depend on what setup consumed
     ctx = StrategyContext(
-        n_classes=inputs.bench.n_classes, scenario=cfg.benchmark.scenario, backbone=inputs.backbone,
+        n_classes=bench.n_classes, scenario=cfg.benchmark.scenario, backbone=inputs.backbone,
         feature_dim=inputs.backbone.feature_dim, input_shape=inputs.images.input_shape,
         cached_features=inputs.setup["feature_cache"] is not None,
         device=device, seed=cfg.seed, train=cfg.train,
     )
     strategy = create_strategy(cfg.strategy, ctx)
-    _check_batchnorm_batches(cfg, inputs)
-    if cfg.shift.enabled:
-        _check_probe_layers(cfg, inputs)
-    setup = {**inputs.setup, "setup_time_s": time.perf_counter() - start}
-    return Prepared(cfg, inputs.bench, inputs.images, inputs.backbone, strategy, device, setup)
+    return Prepared(cfg, bench, inputs.images, inputs.backbone, strategy, device, {**inputs.setup, "setup_time_s": 0.0})
 
 
 def _check_batchnorm_batches(cfg: RunConfig, inputs: Inputs) -> None:
@@ -174,15 +180,16 @@ def _check_probe_layers(cfg: RunConfig, inputs: Inputs) -> None:
                           f"(it has {n} blocks: 0..{n - 1}, or negative from the end)") from None
 
 
-def _anytime_eval_set(bench: Benchmark, per_class: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _anytime_eval_set(bench: Benchmark, per_class: int | None, seed: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     g = torch.Generator().manual_seed(seed + 7919)
     for exp in bench.experiences:
+        data = exp.val if split == "val" else exp.test
         for c in exp.classes:
-            idx = torch.nonzero(exp.test.y == c).flatten()
+            idx = torch.nonzero(data.y == c).flatten()
             idx = idx[torch.randperm(len(idx), generator=g)][:per_class] if per_class else idx
-            xs.append(exp.test.x[idx])
-            ys.append(exp.test.y[idx])
+            xs.append(data.x[idx])
+            ys.append(data.y[idx])
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -258,21 +265,18 @@ def read_metrics(run_dir: Path, identity: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Loop:
+    """One run: train on each experience, evaluate after it, checkpoint, write the run directory.
+
+    The accuracy matrices are measured on the test splits; with ``benchmark.validation`` the
+    validation splits are evaluated too (``*_val`` matrices). :class:`TrialLoop` is the same loop
+    in memory, measuring on validation only, for hyper-parameter search.
+    """
+
+    split = "test"  # what the main accuracy matrices are measured on
+
     def __init__(self, prep: Prepared, run_dir: Path, identity: dict[str, Any], resume: bool) -> None:
-        self.prep, self.cfg, self.run_dir, self.identity = prep, prep.cfg, run_dir, identity
-        self.strategy, self.bench = prep.strategy, prep.bench
-        self.exps = self.bench.experiences
-        self.generator = torch.Generator().manual_seed(self.cfg.seed)
-        self.rows_cil: list[list[float | None]] = []
-        self.rows_til: list[list[float | None]] = []
-        self.rows_tinf: list[list[float | None]] = []
-        self.initial_til: list[float | None] | None = None
-        self.anytime: list[list[float]] = []  # [samples seen, accuracy, experience]
-        self.stored_bytes: list[int] = []
-        self.samples_seen = 0
-        self.train_time = self.eval_time = 0.0
-        self.elapsed_before = 0.0
-        self.next_exp = 0
+        self._init_state(prep)
+        self.run_dir, self.identity = run_dir, identity
         self.probes = ProbeRecorder(self.cfg.shift, self.bench, prep.images, run_dir) if self.cfg.shift.enabled else None
         if resume:  # temporary files of atomic writes that a kill interrupted (we hold the lock)
             for sub in (run_dir, run_dir / "ckpt", run_dir / "plots", run_dir / "probes"):
@@ -292,6 +296,25 @@ class _Loop:
             self.log.write("run_start", run_dir=str(run_dir), **prep.setup)
         else:
             self.log.write("resume", next_experience=self.next_exp, log_bytes_lost=self.log.lost_bytes, log_lines_dropped=self.log.dropped_lines)
+
+    def _init_state(self, prep: Prepared) -> None:
+        self.prep, self.cfg = prep, prep.cfg
+        self.strategy, self.bench = prep.strategy, prep.bench
+        self.exps = self.bench.experiences
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.rows_cil: list[list[float | None]] = []
+        self.rows_til: list[list[float | None]] = []
+        self.rows_tinf: list[list[float | None]] = []
+        self.val_cil: list[list[float | None]] = []  # validation splits, when the main split is test
+        self.val_til: list[list[float | None]] = []
+        self.initial_til: list[float | None] | None = None
+        self.anytime: list[list[float]] = []  # [samples seen, accuracy, experience]
+        self.stored_bytes: list[int] = []
+        self.samples_seen = 0
+        self.train_time = self.eval_time = 0.0
+        self.elapsed_before = 0.0
+        self.next_exp = 0
+        self.also_val = self.split == "test" and self.bench.has_validation
 
     # ---- provenance and checkpoints -------------------------------------------------------
 
@@ -330,6 +353,8 @@ class _Loop:
                 "rows_cil": self.rows_cil,
                 "rows_til": self.rows_til,
                 "rows_tinf": self.rows_tinf,
+                "val_cil": self.val_cil,
+                "val_til": self.val_til,
                 "initial_til": self.initial_til,
                 "anytime": self.anytime,
                 "stored_bytes": self.stored_bytes,
@@ -347,6 +372,7 @@ class _Loop:
         self.strategy.load_state_dict(ckpt["strategy"])
         self.next_exp = ckpt["next_experience"]
         self.rows_cil, self.rows_til, self.rows_tinf = ckpt["rows_cil"], ckpt["rows_til"], ckpt["rows_tinf"]
+        self.val_cil, self.val_til = ckpt["val_cil"], ckpt["val_til"]
         self.initial_til, self.anytime = ckpt["initial_til"], ckpt["anytime"]
         self.stored_bytes, self.samples_seen = ckpt["stored_bytes"], ckpt["samples_seen"]
         self.train_time, self.eval_time = ckpt["train_time"], ckpt["eval_time"]
@@ -361,7 +387,7 @@ class _Loop:
         cfg = self.cfg
         online = cfg.benchmark.scenario == "online"
         if online:
-            self.anytime_x, self.anytime_y = _anytime_eval_set(self.bench, cfg.benchmark.online.eval_test_per_class, cfg.seed)
+            self.anytime_x, self.anytime_y = _anytime_eval_set(self.bench, cfg.benchmark.online.eval_test_per_class, cfg.seed, self.split)
             self.observed = torch.zeros(self.bench.n_classes, dtype=torch.bool)
             for e in self.exps[: self.next_exp]:  # classes observed before a resume
                 self.observed[e.classes] = True
@@ -385,11 +411,19 @@ class _Loop:
             if row.task_inference is not None:
                 self.rows_tinf.append(row.task_inference)
             self.stored_bytes.append(int(self.strategy.storage_bytes()))
+            extra: dict[str, Any] = {}
+            if self.also_val:
+                val = self._evaluate(i + 1, "val")
+                self.val_cil.append(val.cil)
+                self.val_til.append(val.til)
+                extra = {"val_acc_cil": val.cil, "val_acc_seen_classes": M.seen_classes_acc(val.cil, self._n_eval("val"), i)}
             if self.probes is not None:
                 self.probes.record(self.strategy, i)
-            seen_acc = M.seen_classes_acc(cil, self._n_test(), i)
-            self.log.write("eval", experience=i, acc_cil=cil, acc_task_aware=til, acc_seen_classes=seen_acc, task_inference=row.task_inference)
+            seen_acc = M.seen_classes_acc(cil, self._n_eval(self.split), i)
+            self.log.write("eval", experience=i, split=self.split, acc_cil=cil, acc_task_aware=til, acc_seen_classes=seen_acc,
+                           task_inference=row.task_inference, **extra)
             bar.set_postfix(acc=f"{seen_acc:.3f}")
+            self._after_experience(i, seen_acc)
             self.next_exp = i + 1
             self._checkpoint()
             if stop_after is not None and self.next_exp >= stop_after and self.next_exp < len(self.exps):
@@ -434,11 +468,14 @@ class _Loop:
                 next_eval += online.eval_every
         self.log.write("epoch", experience=exp.index, epoch=0, steps=meter.steps, **meter.means())
 
-    def _evaluate(self, trained: int) -> EvalRow:
+    def _evaluate(self, trained: int, split: str | None = None) -> EvalRow:
         t0 = time.perf_counter()
-        rows = evaluate(self.strategy, self.exps, trained, self.cfg.train.eval_batch_size, self.cfg.train.eval_future_tasks)
+        rows = evaluate(self.strategy, self.exps, trained, self.cfg.train.eval_batch_size, self.cfg.train.eval_future_tasks, split or self.split)
         self.eval_time += time.perf_counter() - t0
         return rows
+
+    def _after_experience(self, i: int, seen_acc: float) -> None:
+        """After experience ``i`` is trained and evaluated (seen-class accuracy on the main split)."""
 
     # ---- results ----------------------------------------------------------------------------
 
@@ -448,16 +485,31 @@ class _Loop:
             return {"task_inference_matrix": None, "task_inference_acc": None}
         return {"task_inference_matrix": M.to_json_matrix(self.rows_tinf), "task_inference_acc": M.final_acc(self.rows_tinf, n_test)}
 
-    def _n_test(self) -> list[int]:
-        return [len(e.test) for e in self.exps]
+    def _n_eval(self, split: str) -> list[int]:
+        return [len(e.val if split == "val" else e.test) for e in self.exps]  # type: ignore[arg-type]
 
-    def _finish(self) -> dict[str, Any]:
+    def _validation(self) -> dict[str, Any]:
+        """The validation matrices and their summary, measured beside the test ones."""
+        if not self.also_val:
+            return {}
+        n_val = self._n_eval("val")
+        return {
+            "acc_matrix_val": M.to_json_matrix(self.val_cil),
+            "acc_matrix_task_aware_val": M.to_json_matrix(self.val_til),
+            "n_val_per_task": n_val,
+            "validation": {**M.summarize(self.val_cil, n_val), "task_aware": M.summarize(self.val_til, n_val)},
+        }
+
+    def _result(self) -> dict[str, Any]:
         cfg, strategy = self.cfg, self.strategy
-        n_test = self._n_test()
+        n_test = self._n_eval(self.split)
         wall = self.elapsed_before + time.perf_counter() - self.started + self.prep.setup["setup_time_s"]
         memory_size, memory_bytes = strategy.memory_stats()
         result: dict[str, Any] = {
             "identity": self.identity,
+            # which data every number was measured on: the accuracy matrices and their summaries on
+            # `split`; *_val matrices and `validation` on the validation splits (carved from training data)
+            "split": self.split,
             "experiment": cfg.experiment,
             "run": cfg.name,
             "strategy": cfg.strategy.name,
@@ -492,6 +544,12 @@ class _Loop:
             accs = [a[1] for a in self.anytime]
             result["anytime"] = {"samples": [int(a[0]) for a in self.anytime], "acc": accs, "experience": [int(a[2]) for a in self.anytime]}
             result["avg_anytime_acc"] = M.avg_anytime_acc(accs)
+        result.update(self._validation())
+        return result
+
+    def _finish(self) -> dict[str, Any]:
+        result = self._result()
+        wall = result["wall_time_s"]
         self._plots(result)
         export = getattr(self.strategy, "export", None)
         if export is not None:  # e.g. the per-task PEFT bank
@@ -516,3 +574,49 @@ class _Loop:
                 total += len(e.train)
                 bounds.append(total)
             anytime_curve(result["anytime"]["samples"], result["anytime"]["acc"], plots / "anytime.png", bounds, title)
+
+
+class _NullLog:
+    """The event log of a run that writes nothing (hyper-parameter trials)."""
+
+    offset = 0
+    lost_bytes = dropped_lines = 0
+
+    def write(self, event: str, **fields: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TrialLoop(_Loop):
+    """The run loop in memory, measured on the validation splits only: a hyper-parameter trial.
+
+    Nothing is written; test splits are sealed by :meth:`Benchmark.for_tuning`, so a read of test
+    data anywhere (strategy, loop, evaluation) fails the trial. ``report(i, acc)`` is called with the
+    seen-class validation accuracy after each experience (pruning raises from there).
+    """
+
+    split = "val"
+
+    def __init__(self, prep: Prepared, report: Any = None) -> None:
+        self._init_state(prep)
+        self.run_dir, self.identity, self.probes = None, None, None  # type: ignore[assignment]
+        self.log = _NullLog()  # type: ignore[assignment]
+        self.report = report
+
+    def _after_experience(self, i: int, seen_acc: float) -> None:
+        if self.report is not None:
+            self.report(i, seen_acc)
+
+    def _checkpoint(self) -> None:
+        pass
+
+    def _finish(self) -> dict[str, Any]:
+        return self._result()
+
+
+def prepare_trial(inputs: Inputs, cfg: RunConfig, first_k: int | None) -> Prepared:
+    """A strategy built for ``cfg`` on already prepared inputs (shared by the trials of a study),
+    with the stream cut to its first ``first_k`` experiences and every test split sealed."""
+    return _with_strategy(cfg, inputs, inputs.bench.for_tuning(first_k))

@@ -1,0 +1,183 @@
+"""Validation splits and `cl tune`: carved from training data only, the test set sealed during search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cl.config import BenchmarkConfig, _specialise, parse_run_config
+from cl.data.benchmark import SealedDataError, build_benchmark
+from tests.conftest import tiny_config, write_yaml
+from tests.test_trust import cli, one_line_error
+
+
+def _bench(tmp: Path, **validation):
+    raw = {"dataset": {"name": "synthetic", "n_classes": 6, "train_per_class": 30, "test_per_class": 10, "image_size": 8},
+           "n_experiences": 3, "validation": validation or None}
+    return _specialise(BenchmarkConfig, raw).model_validate(raw)
+
+
+def test_the_validation_split_is_carved_from_training_data_per_class(tmp: Path):
+    bench = build_benchmark(_bench(tmp, fraction=0.2, seed=1), tmp, seed=0)
+    seen_val: set[int] = set()
+    for exp in bench.experiences:
+        train, val = set(exp.train_ids.tolist()), set(exp.val_ids.tolist())
+        assert not train & val and not seen_val & val  # disjoint from training and across experiences
+        seen_val |= val
+        assert torch.equal(exp.val.x, bench.source.x_train[exp.val_ids])  # rows of the *training* pool
+        for c in exp.classes:  # stratified: round(0.2 * 30) = 6 of each class's 30
+            assert int((exp.val.y == c).sum()) == 6 and int((exp.train.y == c).sum()) == 24
+    assert sum(len(e.test) for e in bench.experiences) == 60  # test untouched
+
+
+def test_the_validation_split_is_deterministic_and_independent_of_the_run_seed(tmp: Path):
+    a = build_benchmark(_bench(tmp, per_class=5, seed=3), tmp, seed=0)
+    b = build_benchmark(_bench(tmp, per_class=5, seed=3), tmp, seed=7)  # another class order
+    c = build_benchmark(_bench(tmp, per_class=5, seed=4), tmp, seed=0)
+    rows = lambda bench: sorted(i for e in bench.experiences for i in e.val_ids.tolist())  # noqa: E731
+    assert rows(a) == rows(b) and rows(a) != rows(c)
+    assert all(int((e.val.y == cls).sum()) == 5 for e in a.experiences for cls in e.classes)
+
+
+@pytest.mark.parametrize("validation, message", [
+    ({"fraction": 0.2, "per_class": 3}, "give exactly one of 'fraction' and 'per_class'"),
+    ({"seed": 1}, "give exactly one of 'fraction' and 'per_class'"),
+    ({"fraction": 1.0}, "less than 1"),
+    ({"per_class": 30}, "has 30 training samples, too few to hold out 30 and keep one"),
+])
+def test_impossible_validation_splits_are_one_line(tmp: Path, shared_cache: Path, capsys, validation, message):
+    config = tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "simplecil"}, benchmark={"validation": validation})
+    code, _, err = cli(capsys, "run", str(write_yaml(tmp / "cfg.yaml", config)))
+    one_line_error(code, err, message)
+    assert not (tmp / "runs").exists()
+
+
+def test_a_run_with_validation_reports_both_splits_and_says_which_is_which(tmp: Path, shared_cache: Path, capsys):
+    config = tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "er", "memory_size": 24}, benchmark={"validation": {"fraction": 0.2}})
+    assert cli(capsys, "run", str(write_yaml(tmp / "cfg.yaml", config)))[0] == 0
+    m = json.loads((tmp / "runs" / "tiny" / "er" / "seed0" / "metrics.json").read_text())
+    assert m["split"] == "test" and m["n_test_per_task"] == [20, 20, 20] and m["n_val_per_task"] == [12, 12, 12]
+    assert len(m["acc_matrix_val"]) == 3 and m["validation"]["final_acc"] is not None
+    from analysis.metrics import summarize
+
+    assert m["validation"]["avg_incremental_acc"] == pytest.approx(summarize(m["acc_matrix_val"], m["n_val_per_task"])["avg_incremental_acc"])
+
+
+def test_a_trial_that_reads_test_data_fails(tmp: Path, shared_cache: Path, monkeypatch):
+    from cl.engine.loop import TrialLoop, prepare_inputs, prepare_trial
+    from strategies.er import ER
+
+    cfg = parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "er", "memory_size": 24},
+                                       benchmark={"validation": {"fraction": 0.2}}))
+    inputs = prepare_inputs(cfg, want_features=True)
+    assert TrialLoop(prepare_trial(inputs, cfg, None)).run(None)["split"] == "val"  # an honest strategy is fine
+    peek = ER.before_experience
+    monkeypatch.setattr(ER, "before_experience", lambda self, exp: (len(exp.test), peek(self, exp)))
+    with pytest.raises(SealedDataError, match="test data of experience 0 was read during hyper-parameter search"):
+        TrialLoop(prepare_trial(inputs, cfg, None)).run(None)
+
+
+def test_first_k_trials_never_see_later_experiences(tmp: Path, shared_cache: Path, monkeypatch):
+    from cl.engine.loop import TrialLoop, prepare_inputs, prepare_trial
+    from strategies.er import ER
+
+    cfg = parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "er", "memory_size": 24},
+                                       benchmark={"validation": {"fraction": 0.2}}))
+    seen = []
+    peek = ER.before_experience
+    monkeypatch.setattr(ER, "before_experience", lambda self, exp: (seen.append(exp.index), peek(self, exp)))
+    metrics = TrialLoop(prepare_trial(prepare_inputs(cfg, want_features=True), cfg, 2)).run(None)
+    assert seen == [0, 1] and len(metrics["acc_matrix"]) == 2
+
+
+def _tune_files(tmp: Path, cache: Path, **extra) -> Path:
+    write_yaml(tmp / "base.yaml", tiny_config(tmp, cache_dir=str(cache), strategy={"name": "er", "memory_size": 24}))
+    return write_yaml(tmp / "tune.yaml", {"tune": "t", "config": "base.yaml", "validation": {"fraction": 0.2}, "protocol": {"first_k": 2},
+                                          "trials": 4, "space": {"strategy.lr": {"log_uniform": [0.001, 0.5]}}, **extra})
+
+
+def test_the_search_finds_the_optimum_of_a_toy_objective(tmp: Path, shared_cache: Path, monkeypatch, capsys):
+    from cl.engine import tune as T
+
+    def toy(base, params, seeds, first_k, objective, inputs, report=None):
+        x, k = params["strategy.lr"], params["strategy.memory_size"]
+        value = -((x - 0.3) ** 2) - 0.01 * abs(k - 12)
+        return value, [value]
+
+    monkeypatch.setattr(T, "run_trial", toy)
+    path = _tune_files(tmp, shared_cache, trials=40, pruner="none",
+                       space={"strategy.lr": {"uniform": [0.01, 1.0]}, "strategy.memory_size": {"integer": [6, 24], "step": 6}})
+    assert cli(capsys, "tune", str(path))[0] == 0
+    best = json.loads((tmp / "runs" / "tune" / "t" / "tune.json").read_text())["studies"]["t"]["best_params"]
+    assert abs(best["strategy.lr"] - 0.3) < 0.05 and best["strategy.memory_size"] == 12
+
+
+def test_a_tuned_config_runs_unchanged_and_an_interrupted_study_resumes(tmp: Path, shared_cache: Path, capsys):
+    path = _tune_files(tmp, shared_cache)
+    out = tmp / "runs" / "tune" / "t"
+    assert cli(capsys, "tune", str(path), "--trials", "2")[0] == 0  # stopped after two trials ...
+    first = (out / "trials.csv").read_text().splitlines()[1:3]
+    assert cli(capsys, "tune", str(path))[0] == 0  # ... resumed up to the file's four
+    rows = (out / "trials.csv").read_text().splitlines()[1:]
+    assert len(rows) == 4 and rows[:2] == first
+    for name in ("best.yaml", "trials.md", "trials.png", "study.db", "tune.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "tune.json").read_text())
+    assert summary["test_data"].startswith("sealed") and summary["objective"] == "validation avg_incremental_acc"
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["strategy"]["lr"] == summary["studies"]["t"]["best_params"]["strategy.lr"] and best["run_name"] == "er,tuned=t"
+    code, stdout, _ = cli(capsys, "run", str(out / "best.yaml"))
+    assert code == 0 and "tiny/er,tuned=t/seed0" in stdout
+    saved = yaml.safe_load((tmp / "runs" / "tiny" / "er,tuned=t" / "seed0" / "config.yaml").read_text())
+    assert saved["strategy"]["lr"] == best["strategy"]["lr"] and saved["benchmark"]["validation"] is None  # final runs train on all training data
+
+
+def test_a_changed_study_is_refused_then_restarted_with_overwrite(tmp: Path, shared_cache: Path, capsys):
+    path = _tune_files(tmp, shared_cache, trials=2)
+    assert cli(capsys, "tune", str(path))[0] == 0
+    _tune_files(tmp, shared_cache, trials=2, space={"strategy.lr": {"log_uniform": [0.01, 0.5]}})
+    code, _, err = cli(capsys, "tune", str(path))
+    one_line_error(code, err, "study t was started with another config, space, objective, protocol or seeds; pass --overwrite")
+    assert cli(capsys, "tune", str(path), "--overwrite")[0] == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"space": {"strategy.lr": {"uniform": [0.5, 0.1]}}}, "need low < high"),
+    ({"space": {"strategy.lr": {"uniform": [0.1, 0.5], "choices": [1]}}}, "give exactly one of choices"),
+    ({"space": {"strategy.lrr": {"choices": [0.1]}}}, "strategy.lrr=0.1: unknown key 'strategy.lrr' for strategy 'er'"),
+    ({"space": {"strategy.memory_size": {"choices": [-1]}}}, "strategy.memory_size=-1: 'strategy.memory_size': Input should be greater than or equal to 0"),
+    ({"space": {}}, "give the search 'space'"),
+    ({"validation": None}, "has no benchmark.validation; give 'validation'"),
+    ({"tune": "../x"}, "is not a safe folder name"),
+])
+def test_bad_tuning_files_are_one_line(tmp: Path, shared_cache: Path, capsys, change, message):
+    path = _tune_files(tmp, shared_cache)
+    write_yaml(path, {**yaml.safe_load(path.read_text()), **change})
+    code, _, err = cli(capsys, "tune", str(path))
+    one_line_error(code, err, message)
+    assert not (tmp / "runs").exists()
+
+
+def test_tuning_the_entries_of_a_suite_writes_a_suite_sweep_accepts(tmp: Path, shared_cache: Path, capsys):
+    write_yaml(tmp / "base.yaml", tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "finetune"}))
+    write_yaml(tmp / "suite.yaml", {"suite": "s", "config": "base.yaml", "seeds": [0, 1], "strategies": [
+        {"name": "ft", "overrides": {"strategy": {"name": "finetune", "lr": 0.01}}},
+        {"name": "er", "overrides": {"strategy": {"name": "er", "lr": 0.01, "memory_size": 24}}},
+        {"name": "ncm", "overrides": {"strategy": {"name": "simplecil"}}},
+    ]})
+    path = write_yaml(tmp / "tune.yaml", {"tune": "st", "suite": "suite.yaml", "validation": {"per_class": 5}, "trials": 2,
+                                          "strategies": {"ft": {"strategy.lr": {"log_uniform": [0.001, 0.5]}},
+                                                         "er": {"strategy.lr": {"log_uniform": [0.001, 0.5]}}}})
+    assert cli(capsys, "tune", str(path))[0] == 0
+    out = tmp / "runs" / "tune" / "st"
+    summary = json.loads((out / "tune.json").read_text())["studies"]
+    tuned = yaml.safe_load((out / "suite.yaml").read_text())
+    lrs = {e["name"]: (e.get("overrides") or {}).get("strategy", {}).get("lr") for e in tuned["strategies"]}
+    assert lrs == {"ft": summary["ft"]["best_params"]["strategy.lr"], "er": summary["er"]["best_params"]["strategy.lr"], "ncm": None}
+    assert (out / "ft_trials.png").is_file() and (out / "er_trials.md").is_file()
+    code, stdout, _ = cli(capsys, "sweep", str(out / "suite.yaml"), "--dry-run")
+    assert code == 0 and stdout.count("run ") == 6
