@@ -170,6 +170,14 @@ class ClassBalancedMemory(ReplayMemory):
         self._set(xs[keep], ys[keep], ts[keep])
 
 
+def resolve_memory_policy(policy: str, scenario: str) -> str:
+    """"auto": a reservoir in the online scenario (no experience boundaries to refill at), else a
+    class-balanced memory refilled after each experience."""
+    if policy != "auto":
+        return policy
+    return "reservoir" if scenario == "online" else "class_balanced"
+
+
 def create_memory(policy: str, capacity: int, generator: torch.Generator) -> ReplayMemory:
     if policy == "reservoir":
         return ReservoirMemory(capacity, generator)

@@ -50,6 +50,9 @@ class AvalancheConfig(OptimConfig):
     method: Method = Field(description="which Avalanche strategy")
     memory_size: int = Field(200, ge=1, description="replay / er_ace / scr / gdumb buffer size (Avalanche's mem_size)")
     replay_batch_size: int | None = Field(None, ge=1, description="memory samples per step, Avalanche's batch_size_mem (null = train batch size)")
+    buffer: Literal["class_balanced", "experience_balanced"] = Field(
+        "class_balanced", description="replay offline: class-balanced like our ER, or Avalanche's own default (experience-balanced)",
+    )
     lwf_alpha: float = Field(1.0, ge=0)
     lwf_temperature: float = Field(2.0, gt=0)
     ewc_lambda: float = Field(100.0, ge=0)
@@ -131,7 +134,7 @@ class AvalancheBaseline(Strategy):
         return nn.Sequential(encoder, IncrementalClassifier(d, initial_out_features=2, masking=True))
 
     def _build_strategy(self, batch_size: int, epochs: int) -> Any:
-        from avalanche.training import EWC, GDumb, LwF, Naive, Replay, SCR, ER_ACE
+        from avalanche.training import EWC, GDumb, LwF, Naive, SCR, ER_ACE
         from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
         from avalanche.training.storage_policy import ReservoirSamplingBuffer
 
@@ -151,7 +154,11 @@ class AvalancheBaseline(Strategy):
             if self.online:  # Avalanche's recommended online buffer
                 plugin = ReplayPlugin(cfg.memory_size, batch_size=batch_size, batch_size_mem=mem_batch, storage_policy=ReservoirSamplingBuffer(cfg.memory_size))
                 return Naive(criterion=criterion, plugins=[plugin], **common)
-            return Replay(criterion=criterion, mem_size=cfg.memory_size, **common)
+            from avalanche.training.storage_policy import ClassBalancedBuffer, ExperienceBalancedBuffer
+
+            buffer = (ClassBalancedBuffer if cfg.buffer == "class_balanced" else ExperienceBalancedBuffer)(cfg.memory_size, adaptive_size=True)
+            plugin = ReplayPlugin(cfg.memory_size, batch_size=batch_size, batch_size_mem=mem_batch, storage_policy=buffer)
+            return Naive(criterion=criterion, plugins=[plugin], **common)
         if cfg.method == "er_ace":
             return ER_ACE(criterion=criterion, mem_size=cfg.memory_size, batch_size_mem=mem_batch, **common)
         if cfg.method == "scr":

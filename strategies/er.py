@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import Tensor
 
 from cl.data.benchmark import Experience
-from cl.memory import ClassBalancedMemory, ReservoirMemory, create_memory
+from cl.memory import ClassBalancedMemory, ReservoirMemory, create_memory, resolve_memory_policy
 from cl.registry import STRATEGIES
 from strategies.base import OptimConfig, StrategyContext
 from strategies.finetune import Finetune
@@ -30,12 +30,6 @@ class ERConfig(OptimConfig):
         "auto", description="auto = reservoir online, class_balanced otherwise"
     )
     replay_batch_size: int | None = Field(None, ge=1, description="memory samples per step (null = train batch size)")
-
-
-def resolve_memory_policy(policy: str, scenario: str) -> str:
-    if policy != "auto":
-        return policy
-    return "reservoir" if scenario == "online" else "class_balanced"
 
 
 @STRATEGIES.register("er", config=ERConfig, help="experience replay with a linear head")

@@ -25,10 +25,9 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from cl.data.benchmark import Experience
-from cl.memory import ClassBalancedMemory, ReservoirMemory, create_memory
+from cl.memory import ClassBalancedMemory, ReservoirMemory, create_memory, resolve_memory_policy
 from cl.registry import STRATEGIES
 from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer, masked_cross_entropy
-from strategies.er import resolve_memory_policy
 
 Rebalance = Literal["none", "old_tasks", "class_ratio", "memory_ratio", "constant"]
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from cl.memory import ReservoirMemory
+from cl.data.benchmark import Experience
+from cl.memory import ClassBalancedMemory, ReservoirMemory, create_memory, resolve_memory_policy
 from cl.registry import STRATEGIES
 from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
 from strategies.losses import multi_similarity_loss, proxy_softmax_loss
@@ -36,7 +37,10 @@ from strategies.losses import multi_similarity_loss, proxy_softmax_loss
 class GenerativeClassifierConfig(OptimConfig):
     name: Literal["generative_classifier"] = "generative_classifier"
     memory_size: int = Field(500, ge=1)
-    replay_batch_size: int = Field(10, ge=1, description="memory samples joined to each stream batch")
+    memory_policy: Literal["auto", "reservoir", "class_balanced"] = Field(
+        "auto", description="auto = reservoir online (the paper's setting), class_balanced offline (like ER)"
+    )
+    replay_batch_size: int | None = Field(None, ge=1, description="memory samples joined to each batch (null = the batch size, like ER)")
     iterations: int = Field(1, ge=1, description="optimisation steps per stream batch")
     hidden_dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [256], description="projection MLP hidden sizes")
     embedding_dim: int = Field(128, ge=2)
@@ -89,7 +93,7 @@ class GenerativeClassifier(Strategy):
         self.cfg: GenerativeClassifierConfig = cfg
         self.projection = projection_mlp(ctx.feature_dim, cfg.hidden_dims, cfg.embedding_dim).to(self.device)
         self.proxies = nn.Parameter(torch.randn(ctx.n_classes, cfg.embedding_dim, device=self.device) * 0.1)
-        self._memory = ReservoirMemory(cfg.memory_size, self.generator)
+        self._memory = create_memory(resolve_memory_policy(cfg.memory_policy, ctx.scenario), cfg.memory_size, self.generator)
         self.observed = torch.zeros(ctx.n_classes, dtype=torch.bool, device=self.device)
         params = self.trainable_parameters()
         self.optimizer = make_optimizer(params, cfg)  # one optimiser for the whole stream (task-free)
@@ -113,7 +117,7 @@ class GenerativeClassifier(Strategy):
         for _ in range(self.cfg.iterations):
             xb, yb = x, y
             if len(self._memory):
-                mx, my, _ = self._memory.sample(self.cfg.replay_batch_size)
+                mx, my, _ = self._memory.sample(self.cfg.replay_batch_size or len(y))
                 xb, yb = torch.cat([x, mx.to(x.dtype)]), torch.cat([y, my.to(self.device)])
             z = self.embed(xb)
             ms, anchors = multi_similarity_loss(z, yb, self.cfg.ms_alpha, self.cfg.ms_beta, self.cfg.ms_lambda, self.cfg.ms_margin)
@@ -127,9 +131,16 @@ class GenerativeClassifier(Strategy):
             loss.backward()
             self.optimizer.step()
             terms["loss"] = loss.item()
-        self._memory.add(x, y.cpu(), task_id)
+        if isinstance(self._memory, ReservoirMemory):
+            self._memory.add(x, y.cpu(), task_id)
         self._version += 1
         return terms
+
+    def after_experience(self, exp: Experience) -> None:
+        super().after_experience(exp)
+        if isinstance(self._memory, ClassBalancedMemory):  # offline: refilled from the experience, like ER's
+            self._memory.update(exp.train.x, exp.train.y, exp.task_id)
+            self._version += 1
 
     @torch.no_grad()
     def memory_embeddings(self) -> tuple[Tensor, Tensor]:

@@ -50,3 +50,25 @@ def test_avalanche_on_images_keeps_frozen_backbone_layers_in_eval(tmp: Path, sha
     s.train_experience(exp, exp.train, 1, 16)
     assert (prep.backbone.model.layer1[0].bn1.running_mean == stats).all()  # Avalanche's model.train() did not reach it
     assert s.predict(exp.test.x[:4], None).shape == (4, 6)
+
+
+@pytest.mark.parametrize("buffer, counts", [("class_balanced", [4, 4, 4, 4, 4, 4]), ("experience_balanced", None)])
+def test_avalanche_replay_buffer_is_class_balanced_like_our_er(tmp: Path, shared_cache: Path, buffer: str, counts):
+    from collections import Counter
+
+    from cl.engine.loop import prepare, _training_data
+    import torch
+
+    cfg = parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "avalanche", "method": "replay", "memory_size": 24, "buffer": buffer},
+                                       benchmark={"base_classes": 2, "n_experiences": 3, "class_order": [0, 1, 2, 3, 4, 5],
+                                                  "dataset": {"name": "synthetic", "n_classes": 6, "train_per_class": 30, "test_per_class": 10, "image_size": 16}}))
+    prep = prepare(cfg)
+    for i, exp in enumerate(prep.bench.experiences):
+        prep.strategy.before_experience(exp)
+        prep.strategy.train_experience(exp, _training_data(prep.bench, i, "current"), 1, 16)
+    policy = next(p.storage_policy for p in prep.strategy.av.plugins if hasattr(p, "storage_policy"))
+    labels = Counter(int(y) for y in torch.as_tensor(list(policy.buffer.targets)))
+    if counts is not None:  # 24 / 6 classes, as our class-balanced ER keeps
+        assert [labels[c] for c in range(6)] == counts
+    else:  # Avalanche's default: 8 per experience, whatever the classes in it
+        assert sum(labels.values()) == 24

@@ -103,3 +103,27 @@ def test_generative_classifier_has_no_softmax_head_at_inference(tmp: Path, share
     scores = s.predict(exp.test.x[:4], None)
     seen = set(s.memory.y.tolist())
     assert all(torch.isinf(scores[:, c]).all() for c in range(6) if c not in seen)  # no memory sample, no score
+
+
+def test_offline_the_memory_is_class_balanced_and_replay_matches_the_batch(tmp, shared_cache):
+    from cl.config import parse_run_config
+    from cl.engine.loop import prepare
+    from cl.memory import ClassBalancedMemory, ReservoirMemory
+    from tests.conftest import tiny_config
+
+    prep = prepare(parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "generative_classifier", "memory_size": 24})))
+    strategy = prep.strategy
+    assert isinstance(strategy._memory, ClassBalancedMemory)
+    for exp in prep.bench.experiences:
+        strategy.before_experience(exp)
+        strategy.observe(exp.train.x[:16], exp.train.y[:16], exp.task_id)
+        strategy.after_experience(exp)
+    assert sorted(strategy._memory.class_counts().values()) == [4] * 6
+    sampled = []
+    real = strategy._memory.sample
+    strategy._memory.sample = lambda n: (sampled.append(n), real(n))[1]
+    strategy.observe(exp.train.x[:16], exp.train.y[:16], exp.task_id)
+    assert sampled == [16]  # the batch size, like ER (was a fixed 10)
+    online = prepare(parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), train={"epochs": 1}, strategy={"name": "generative_classifier", "memory_size": 24},
+                                                  benchmark={"scenario": "online"})))
+    assert isinstance(online.strategy._memory, ReservoirMemory)  # the paper's online setting is unchanged
