@@ -262,12 +262,13 @@ def tune(path: str | Path, cli_overrides: list[str] | None = None, out_dir: str 
     started = time.perf_counter()
     try:
         for st in studies:
-            sampler = optuna.samplers.TPESampler(seed=tcfg.sampler_seed, n_startup_trials=min(10, max(budget // 3, 1)))
-            pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if tcfg.pruner == "median" else optuna.pruners.NopPruner()
+            # no pruning on the first experience alone: it shows how well a method learns, not how it forgets
+            pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1) if tcfg.pruner == "median" else optuna.pruners.NopPruner()
             if overwrite and st.name in optuna.get_all_study_names(storage):
                 optuna.delete_study(study_name=st.name, storage=storage)
-            study = optuna.create_study(storage=storage, study_name=st.name, direction=tcfg.direction, sampler=sampler,
-                                        pruner=pruner, load_if_exists=True)
+            study = optuna.create_study(storage=storage, study_name=st.name, direction=tcfg.direction, pruner=pruner, load_if_exists=True)
+            # seeded by the trials so far: a resumed search draws new points instead of replaying the first ones
+            study.sampler = optuna.samplers.TPESampler(seed=tcfg.sampler_seed + len(study.trials), n_startup_trials=min(10, max(budget // 3, 1)))
             stored = study.user_attrs.get("definition")
             if stored is None:
                 study.set_user_attr("definition", definition(st, tcfg))
