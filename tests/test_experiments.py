@@ -31,3 +31,35 @@ def test_experiment_file_validates(path: Path, tmp_path: Path):
             (tmp_path / "train" / f"class{c:03d}").mkdir(parents=True)
         overrides.append(f"benchmark.dataset.root={tmp_path}")
     load_run_config(path, overrides)
+
+
+RESULTS = EXPERIMENTS / "tuning" / "results"
+
+
+def _at(data: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+@pytest.mark.parametrize("tune_json", sorted(RESULTS.glob("*/tune.json")), ids=lambda p: p.parent.name)
+def test_suite_values_are_the_committed_tuning_results(tune_json: Path):
+    """Every tuned value in a suite is the one `cl tune` selected on validation (learning rates rounded
+    to two significant digits), so a hand edit cannot drift from the committed search."""
+    import json
+
+    result = json.loads(tune_json.read_text())
+    tuning = read_yaml(EXPERIMENTS / "tuning" / f"{result['tune']}.yaml")
+    suite = read_yaml((EXPERIMENTS / "tuning" / tuning["suite"]).resolve())
+    entries = {e["name"]: e.get("overrides") or {} for e in suite["strategies"]}
+    assert set(result["studies"]) == set(tuning["strategies"])
+    for name, study in result["studies"].items():
+        for key, best in study["best_params"].items():
+            used = _at(entries[name], key)
+            assert used is not None, f"{name}: {key} is not set in the suite"
+            if isinstance(best, float) and not isinstance(used, str):
+                assert used == pytest.approx(best, rel=0.05), f"{name}: {key}"
+            else:
+                assert used == best, f"{name}: {key}"

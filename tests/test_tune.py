@@ -180,4 +180,4 @@ def test_tuning_the_entries_of_a_suite_writes_a_suite_sweep_accepts(tmp: Path, s
     assert lrs == {"ft": summary["ft"]["best_params"]["strategy.lr"], "er": summary["er"]["best_params"]["strategy.lr"], "ncm": None}
     assert (out / "ft_trials.png").is_file() and (out / "er_trials.md").is_file()
     code, stdout, _ = cli(capsys, "sweep", str(out / "suite.yaml"), "--dry-run")
-    assert code == 0 and stdout.count("run ") == 6
+    assert code == 0 and stdout.count("run ") == 6 and "s,tuned=st/ft/seed0" in stdout

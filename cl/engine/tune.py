@@ -383,6 +383,8 @@ def _write_best_config(out: Path, tcfg: TuneConfig, studies: list[Study], summar
         return
     suite = load_yaml(tcfg.suite, run_config=False)  # type: ignore[arg-type]
     suite["config"] = _relative(suite["config"], out)
+    # its own report and run folders: the tuned suite never lands in the directories of the suite as written
+    suite["suite"] = f"{suite['suite']},tuned={tcfg.tune}"[:120]
     for entry in suite["strategies"]:
         best = summary["studies"].get(entry.get("name"), {}).get("best_params")
         if best:
