@@ -105,6 +105,21 @@ def test_generative_classifier_has_no_softmax_head_at_inference(tmp: Path, share
     assert all(torch.isinf(scores[:, c]).all() for c in range(6) if c not in seen)  # no memory sample, no score
 
 
+def test_gamma_defaults_to_the_metric_loss_alone_and_a_positive_gamma_trains_the_proxies(tmp: Path, shared_cache: Path):
+    plain = prepare(parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "generative_classifier", "memory_size": 30})))
+    assert plain.strategy.cfg.gamma == 0.0 and not any(p is plain.strategy.proxies for p in plain.strategy.trainable_parameters())
+    prep = prepare(parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "generative_classifier", "memory_size": 30, "gamma": 1.0})))
+    s = prep.strategy
+    assert any(p is s.proxies for p in s.trainable_parameters())
+    exp = prep.bench.experiences[0]
+    s.before_experience(exp)
+    before = s.proxies.detach().clone()
+    pick = torch.cat([torch.nonzero(exp.train.y == c)[:5, 0] for c in exp.classes[:2]])  # a softmax over one class has no gradient
+    s.observe(exp.train.x[pick], exp.train.y[pick], 0)
+    moved = (s.proxies.detach() - before).abs().sum(dim=1) > 0
+    assert moved.tolist() == [c in exp.classes[:2] for c in range(len(moved))]  # only the proxies of the classes seen are trained
+
+
 def test_offline_the_memory_is_class_balanced_and_replay_matches_the_batch(tmp, shared_cache):
     from cl.config import parse_run_config
     from cl.engine.loop import prepare
