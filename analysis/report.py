@@ -343,6 +343,39 @@ def headline_table(runs: dict[str, list[RunRecord]], ci: bool = False) -> tuple[
     return header, rows
 
 
+PAIRED = [("final acc (pts)", "final_acc", 100.0), ("avg inc acc (pts)", "avg_incremental_acc", 100.0), ("forgetting (pts)", "forgetting", 100.0)]
+
+
+def paired_table(runs: dict[str, list[RunRecord]], baseline: str) -> tuple[list[str], list[list[str]]]:
+    """Each row minus ``baseline`` on the seeds both finished (a seed fixes the class order, so the
+    difference is paired): mean and Student-t 95% interval, in points. An interval that excludes
+    zero is marked ``*``; with fewer than two shared seeds there is no interval."""
+    base = {r.seed: r.metrics for r in runs[baseline] if r.metrics is not None and r.seed is not None}
+    header = ["strategy", "paired seeds"] + [f"Δ {label} [95% CI]" for label, _, _ in PAIRED]
+    rows = []
+    for name, recs in runs.items():
+        if name == baseline:
+            continue
+        mine = {r.seed: r.metrics for r in recs if r.metrics is not None and r.seed is not None}
+        seeds = sorted(set(mine) & set(base))
+        cells = []
+        for _, key, scale in PAIRED:
+            task_aware = _scenario(recs) == "task_incremental"
+            diffs = [mine[s].get(metric_key(key, task_aware, mine[s])) for s in seeds]
+            refs = [base[s].get(metric_key(key, task_aware, base[s])) for s in seeds]
+            st = Stats([a - b for a, b in zip(diffs, refs) if _is_number(a) and _is_number(b) and not math.isnan(a - b)])
+            if st.mean is None:
+                cells.append("-")
+                continue
+            text = f"{st.mean * scale:+.1f}"
+            if st.ci95:
+                lo, hi = st.ci95
+                text += f" [{lo * scale:+.1f}, {hi * scale:+.1f}]" + (" *" if lo > 0 or hi < 0 else "")
+            cells.append(text)
+        rows.append([name, str(len(seeds))] + cells)
+    return header, rows
+
+
 def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -490,17 +523,22 @@ def _cka_curves(summaries: list[dict[str, Any]]) -> dict[str, list[float]] | Non
     return {l: _nanmean(np.array([[np.nan if v is None else v for v in c[l]] for c in curves], dtype=float)).tolist() for l in layers}
 
 
-def write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str = "Comparison") -> str:
-    """All tables, plots and the HTML report for ``records``; returns a plain-text summary."""
+def write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str = "Comparison", baseline: str | None = None) -> str:
+    """All tables, plots and the HTML report for ``records``; returns a plain-text summary. With a
+    ``baseline`` row name, also every row's paired difference to it (``paired.csv``)."""
     from cl.errors import UserError
     from cl.utils import atomic_write_text
 
     out = Path(out_dir)
+    groups = group_runs(records)
+    if baseline is not None and not any(baseline in runs for runs in groups.values()):
+        names = sorted({name for runs in groups.values() for name in runs})
+        raise UserError(f"--baseline: no row named '{baseline}' (rows: {', '.join(names)[:300]})")
     plots = out / "plots"
     if plots.is_symlink():  # every file below is written by replacing, never through, a symlink
         raise UserError(f"{plots} is a symlink; refusing to write the report through it")
     plots.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(records)
+    paired_rows: list[list[str]] = []
     texts, md, html_parts = [], [f"# {title}\n"], [f"<h1>{html.escape(title)}</h1>"]
     csv_rows: list[list[str]] = []
     long_rows: list[list[Any]] = []
@@ -515,6 +553,13 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str =
                 lo, hi = st.ci95 or (None, None)
                 long_rows.append([experiment, name, key, st.n, st.mean, st.std, lo, hi])
         html_parts.append(f"<h2>{html.escape(experiment)}</h2>" + _html_table(header, rows))
+        if baseline is not None and baseline in runs:
+            p_header, p_rows = paired_table(runs, baseline)
+            caption = f"Paired difference to {baseline} (same seeds; * = the 95% interval excludes 0)"
+            texts.append(f"-- {experiment}: {caption} --\n" + plain(p_header, p_rows))
+            md.append(f"\n### {caption}\n\n" + markdown(p_header, p_rows) + "\n")
+            html_parts.append(f"<h3>{html.escape(caption)}</h3>" + _html_table(p_header, p_rows))
+            paired_rows += [[experiment, baseline] + r for r in p_rows]
         if notes:
             html_parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
         for caption, path in _experiment_plots(experiment, runs, plots):
@@ -522,6 +567,8 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str =
             html_parts.append(f"<h3>{html.escape(caption)}</h3><img src='{_png_data(path)}' style='max-width:100%'>")
     atomic_write_text(out / "summary.md", "".join(md))
     _write_csv(out / "summary.csv", ["experiment"] + (headline_table(next(iter(groups.values())), ci=True)[0] if groups else []), csv_rows)
+    if baseline is not None:
+        _write_csv(out / "paired.csv", ["experiment", "baseline", "strategy", "paired seeds"] + [f"delta {k} (pts) [95% CI]" for _, k, _ in PAIRED], paired_rows)
     _write_csv(out / "metrics_long.csv", ["experiment", "run", "metric", "n", "mean", "std", "ci95_low", "ci95_high"], long_rows)
     style = "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
     atomic_write_text(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>" + "".join(html_parts) + "</body></html>\n")

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="run directories, or directories containing them")
     p.add_argument("--out", default="report", help="output directory (default: ./report)")
     p.add_argument("--title", default="Comparison")
+    p.add_argument("--baseline", default=None, help="a row name: add every row's paired difference to it, with 95%% intervals")
 
     p = sub.add_parser("pretrain", help="build and cache the pretrained backbone of a config")
     p.add_argument("config")
@@ -181,7 +182,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     records = discover_runs(args.paths)
     if not records:
         raise UserError(f"no run directories found under {', '.join(args.paths)}")
-    print(write_report(records, args.out, args.title))
+    print(write_report(records, args.out, args.title, args.baseline))
     return 0
 
 

@@ -88,3 +88,22 @@ def test_cli_compare(tmp: Path, capsys):
     assert (tmp / "rep" / "report.html").is_file()
     assert main(["compare", str(tmp / "nothing")]) == 2
     assert "no run directories found" in capsys.readouterr().err
+
+
+def test_paired_difference_to_a_baseline_by_hand(tmp: Path, capsys):
+    for seed, (er, ta) in enumerate([(0.60, 0.64), (0.70, 0.73), (0.80, 0.85)]):
+        fake_run(tmp / "runs", "er", seed, er)
+        fake_run(tmp / "runs", "ta", seed, ta)
+    fake_run(tmp / "runs", "ft", 0, 0.2)  # one shared seed: a difference, no interval
+    fake_run(tmp / "runs", "ft", 7, 0.3)  # a seed the baseline lacks is not paired
+    assert main(["compare", str(tmp / "runs"), "--out", str(tmp / "rep"), "--baseline", "er"]) == 0
+    rows = {r["strategy"]: r for r in csv.DictReader(open(tmp / "rep" / "paired.csv"))}
+    # ta - er per seed: 4, 3, 5 points -> mean 4, std 1, half-width t_{0.975,2} * 1 / sqrt(3) = 2.48
+    assert rows["ta"]["paired seeds"] == "3" and rows["ta"]["delta final_acc (pts) [95% CI]"] == "+4.0 [+1.5, +6.5] *"
+    assert rows["ta"]["delta forgetting (pts) [95% CI]"] == "-4.0 [-6.5, -1.5] *"  # fake forgetting = 1 - final acc
+    assert rows["ft"]["paired seeds"] == "1" and rows["ft"]["delta final_acc (pts) [95% CI]"] == "-40.0"
+    assert "Paired difference to er" in (tmp / "rep" / "summary.md").read_text()
+    capsys.readouterr()
+    assert main(["compare", str(tmp / "runs"), "--out", str(tmp / "rep2"), "--baseline", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no row named 'nope'" in err and not (tmp / "rep2").exists()
