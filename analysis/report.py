@@ -337,7 +337,9 @@ def headline_table(runs: dict[str, list[RunRecord]], ci: bool = False) -> tuple[
         cells = []
         for _, key, scale, fmt in columns:
             k = metric_key(key, task_aware, done[0].metrics) if done else key  # type: ignore[arg-type]
-            cells.append(agg.get(k, Stats()).format(scale, fmt, ci and key in ("final_acc", "avg_incremental_acc", "forgetting")))
+            st = agg.get(k, Stats())
+            # a metric missing or NaN in some finished runs: say over how many it is taken
+            cells.append(st.format(scale, fmt, ci and key in ("final_acc", "avg_incremental_acc", "forgetting")) + (f" (n={st.n})" if 0 < st.n < len(done) else ""))
         which = (["task-aware" if task_aware else "class-incremental"] if mixed else [])
         rows.append([name, str(len(done))] + which + cells)
     return header, rows
@@ -368,6 +370,8 @@ def paired_table(runs: dict[str, list[RunRecord]], baseline: str) -> tuple[list[
                 cells.append("-")
                 continue
             text = f"{st.mean * scale:+.1f}"
+            if st.n < len(seeds):
+                text += f" (n={st.n})"
             if st.ci95:
                 lo, hi = st.ci95
                 text += f" [{lo * scale:+.1f}, {hi * scale:+.1f}]" + (" *" if lo > 0 or hi < 0 else "")
@@ -560,6 +564,11 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str =
             md.append(f"\n### {caption}\n\n" + markdown(p_header, p_rows) + "\n")
             html_parts.append(f"<h3>{html.escape(caption)}</h3>" + _html_table(p_header, p_rows))
             paired_rows += [[experiment, baseline] + r for r in p_rows]
+        elif baseline is not None:
+            note = f"no row named '{baseline}' in {experiment}: no paired differences"
+            texts.append(f"-- {experiment}: {note} --")
+            md.append(f"\n- {note}\n")
+            html_parts.append(f"<p>{html.escape(note)}</p>")
         if notes:
             html_parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
         for caption, path in _experiment_plots(experiment, runs, plots):

@@ -107,3 +107,27 @@ def test_paired_difference_to_a_baseline_by_hand(tmp: Path, capsys):
     assert main(["compare", str(tmp / "runs"), "--out", str(tmp / "rep2"), "--baseline", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no row named 'nope'" in err and not (tmp / "rep2").exists()
+
+
+def test_a_metric_missing_in_some_runs_says_over_how_many_it_is_taken(tmp: Path, capsys):
+    for seed in range(3):
+        fake_run(tmp / "runs", "er", seed, 0.6 + 0.1 * seed)
+        fake_run(tmp / "runs", "ta", seed, 0.7)
+    damaged = tmp / "runs" / "exp" / "ta" / "seed2" / "metrics.json"
+    damaged.write_text(damaged.read_text().replace('"final_acc": 0.7,', '"final_acc": NaN,'))
+    assert main(["compare", str(tmp / "runs"), "--out", str(tmp / "rep"), "--baseline", "er"]) == 0
+    summary = (tmp / "rep" / "summary.md").read_text()
+    assert "| ta | 3 | 70.0 ± 0.0 [70.0, 70.0] (n=2) |" in summary
+    rows = {r["strategy"]: r for r in csv.DictReader(open(tmp / "rep" / "paired.csv"))}
+    assert rows["ta"]["delta final_acc (pts) [95% CI]"].startswith("+5.0 (n=2) [")
+
+
+def test_a_baseline_absent_from_one_experiment_is_noted(tmp: Path, capsys):
+    fake_run(tmp / "runs", "er", 0, 0.6)
+    other = fake_run(tmp / "runs2", "ta", 0, 0.7)
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    (other / "config.yaml").write_text(yaml.safe_dump({**cfg, "experiment": "exp2"}))
+    metrics = json.loads((other / "metrics.json").read_text())
+    (other / "metrics.json").write_text(json.dumps({**metrics, "experiment": "exp2"}))
+    assert main(["compare", str(tmp / "runs"), str(tmp / "runs2"), "--out", str(tmp / "rep"), "--baseline", "er"]) == 0
+    assert "no row named 'er' in exp2: no paired differences" in (tmp / "rep" / "summary.md").read_text()

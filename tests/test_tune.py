@@ -153,6 +153,13 @@ def test_a_changed_study_is_refused_then_restarted_with_overwrite(tmp: Path, sha
     ({"space": {}}, "give the search 'space'"),
     ({"validation": None}, "has no benchmark.validation; give 'validation'"),
     ({"tune": "../x"}, "is not a safe folder name"),
+    ({"objective": "avg_incremantal_acc"}, "'objective': Input should be"),
+    ({"objective": "wall_time_s"}, "'objective': Input should be"),
+    ({"objective": "avg_anytime_acc"}, "'avg_anytime_acc' is measured on online streams only"),
+    ({"space": {"strategy.memory_size": {"integer": [10, 20], "step": 100}}}, "is not a whole number of steps of 100"),
+    ({"protocol": {"first_k": 50}}, "protocol.first_k is 50 but study t's stream has 3 experiences"),
+    ({"validation": {"per_class": 30}}, "too few to hold out 30 and keep one"),
+    ({"validation": {"fraction": 0.99}}, "too few to hold out"),
 ])
 def test_bad_tuning_files_are_one_line(tmp: Path, shared_cache: Path, capsys, change, message):
     path = _tune_files(tmp, shared_cache)
@@ -181,3 +188,109 @@ def test_tuning_the_entries_of_a_suite_writes_a_suite_sweep_accepts(tmp: Path, s
     assert (out / "ft_trials.png").is_file() and (out / "er_trials.md").is_file()
     code, stdout, _ = cli(capsys, "sweep", str(out / "suite.yaml"), "--dry-run")
     assert code == 0 and stdout.count("run ") == 6 and "s,tuned=st/ft/seed0" in stdout
+
+
+def test_a_fault_of_the_base_config_is_not_blamed_on_the_search_space(tmp: Path, shared_cache: Path, capsys):
+    path = _tune_files(tmp, shared_cache)
+    code, _, err = cli(capsys, "tune", str(path), "--set", "train.epochs=-1")
+    one_line_error(code, err, "study t: 'train.epochs': Input should be greater than or equal to 1")
+    assert "strategy.lr=" not in err and not (tmp / "runs").exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "directory", "foreign_sqlite", "symlink"])
+def test_a_damaged_or_foreign_study_database_is_refused(tmp: Path, shared_cache: Path, capsys, damage):
+    import sqlite3
+
+    path = _tune_files(tmp, shared_cache, trials=1)
+    db = tmp / "runs" / "tune" / "t" / "study.db"
+    db.parent.mkdir(parents=True)
+    outside = tmp / "outside.db"
+    if damage == "garbage":
+        db.write_bytes(b"not a database at all" * 100)
+    elif damage == "directory":
+        db.mkdir()
+    else:
+        with sqlite3.connect(outside) as con:
+            con.execute("CREATE TABLE mine (x INTEGER)")
+        if damage == "symlink":
+            db.symlink_to(outside)
+        else:
+            db.write_bytes(outside.read_bytes())
+    before = outside.read_bytes() if outside.exists() else None
+    code, _, err = cli(capsys, "tune", str(path))
+    message = {"garbage": "is not a study database of cl tune; pass --overwrite", "directory": "is not a regular file",
+               "foreign_sqlite": "is not a study database of cl tune", "symlink": "is a symlink; refusing"}[damage]
+    one_line_error(code, err, message)
+    assert (outside.read_bytes() if outside.exists() else None) == before  # nothing outside out_dir touched
+    if damage in ("garbage", "foreign_sqlite"):  # ours by place: --overwrite starts the search again
+        assert cli(capsys, "tune", str(path), "--overwrite")[0] == 0 and (db.parent / "tune.json").is_file()
+
+
+def test_a_point_the_data_cannot_hold_fails_its_trial_and_the_search_goes_on(tmp: Path, shared_cache: Path, capsys):
+    path = _tune_files(tmp, shared_cache, trials=6, pruner="none", space={"strategy.memory_size": {"choices": [24, 5000]}})
+    code, stdout, _ = cli(capsys, "tune", str(path))
+    assert code == 0 and "failed {'strategy.memory_size': 5000}" in stdout
+    out = tmp / "runs" / "tune" / "t"
+    summary = json.loads((out / "tune.json").read_text())["studies"]["t"]
+    assert summary["best_params"] == {"strategy.memory_size": 24} and summary["trials"] == 6 and summary["complete"] < 6
+    assert "| failed: " in (out / "trials.md").read_text()
+    path = _tune_files(tmp, shared_cache, tune="u", trials=2, space={"strategy.memory_size": {"choices": [5000, 6000]}})
+    code, _, err = cli(capsys, "tune", str(path))
+    one_line_error(code, err, "study u: no trial completed, so there is no best value (2 failed, 0 pruned; first failure:")
+
+
+def test_an_interrupted_trial_is_not_left_running_nor_counted(tmp: Path, shared_cache: Path, monkeypatch, capsys):
+    import optuna
+
+    from cl.engine import tune as T
+
+    real, calls = T.run_trial, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "run_trial", flaky)
+    path = _tune_files(tmp, shared_cache, trials=3)
+    assert cli(capsys, "tune", str(path))[0] == 130
+    assert cli(capsys, "tune", str(path))[0] == 0
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp / 'runs' / 'tune' / 't' / 'study.db'}")
+    states = [t.state.name for t in study.trials]
+    assert states.count("RUNNING") == 0 and states.count("COMPLETE") + states.count("PRUNED") == 3 and states.count("FAIL") == 1
+    assert len((tmp / "runs" / "tune" / "t" / "trials.csv").read_text().splitlines()) == 4  # header + the 3 counted trials
+
+
+def test_the_best_config_carries_what_every_trial_ran_with(tmp: Path, shared_cache: Path, capsys):
+    path = _tune_files(tmp, shared_cache, trials=1, overrides={"train": {"batch_size": 8}})
+    assert cli(capsys, "tune", str(path), "--set", "train.epochs=1", "--set", "strategy.memory_size=6", "--set", "seed=3")[0] == 0
+    out = tmp / "runs" / "tune" / "t"
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["train"] == {"batch_size": 8, "epochs": 1} and best["strategy"]["memory_size"] == 6 and "seed" not in best
+    assert json.loads((out / "tune.json").read_text())["cli_overrides"] == ["train.epochs=1", "strategy.memory_size=6", "seed=3"]
+    code, stdout, _ = cli(capsys, "run", str(out / "best.yaml"), "--dry-run")
+    assert code == 0 and "epochs: 1" in stdout and "memory_size: 6" in stdout
+
+
+def test_overwrite_starts_the_whole_search_again(tmp: Path, shared_cache: Path, capsys):
+    write_yaml(tmp / "base.yaml", tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "finetune"}))
+    write_yaml(tmp / "suite.yaml", {"suite": "s", "config": "base.yaml", "seeds": [0], "strategies": [
+        {"name": "ft", "overrides": {"strategy": {"name": "finetune", "lr": 0.01}}},
+        {"name": "er", "overrides": {"strategy": {"name": "er", "lr": 0.01, "memory_size": 24}}}]})
+    space = {"strategy.lr": {"log_uniform": [0.001, 0.5]}}
+    tune = {"tune": "st", "suite": "suite.yaml", "benchmark": "nosuch", "validation": {"per_class": 5}, "trials": 1, "strategies": {"ft": space, "er": space}}
+    path = write_yaml(tmp / "tune.yaml", tune)
+    code, _, err = cli(capsys, "tune", str(path))
+    one_line_error(code, err, "benchmark: 'nosuch' is not a benchmark of the suite")
+    del tune["benchmark"]
+    write_yaml(path, tune)
+    assert cli(capsys, "tune", str(path))[0] == 0
+    out = tmp / "runs" / "tune" / "st"
+    assert (out / "er_trials.csv").is_file()
+    write_yaml(path, {**tune, "strategies": {"ft": space}})
+    code, _, err = cli(capsys, "tune", str(path))
+    assert code == 0 and "also holds studies not in this file (er)" in err
+    assert cli(capsys, "tune", str(path), "--overwrite")[0] == 0
+    assert not (out / "er_trials.csv").exists() and (out / "ft_trials.csv").is_file()
+    assert list(json.loads((out / "tune.json").read_text())["studies"]) == ["ft"]

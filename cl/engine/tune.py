@@ -26,10 +26,12 @@ that an interrupted search resumes. It writes ``best.yaml`` (or ``suite.yaml``) 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,8 @@ class Param(Model):
             raise ValueError("log_uniform: bounds must be positive")
         if self.step is not None and self.integer is None:
             raise ValueError("'step' is only used with integer")
+        if self.integer is not None and self.step is not None and (self.integer[1] - self.integer[0]) % self.step:
+            raise ValueError(f"integer: the range {list(self.integer)} is not a whole number of steps of {self.step}")
         return self
 
     def suggest(self, trial: Any, name: str) -> Any:
@@ -83,6 +87,11 @@ class Param(Model):
 Space = dict[str, Param]
 
 
+# Validation scalars a search can optimise, and the direction each is better in.
+OBJECTIVES = {"avg_incremental_acc": "maximize", "final_acc": "maximize", "final_avg_acc": "maximize", "avg_anytime_acc": "maximize",
+              "forgetting": "minimize", "bwt": "maximize"}
+
+
 class ProtocolConfig(Model):
     first_k: int | None = Field(None, ge=1, description="tune on the first k experiences only; null: the whole stream")
 
@@ -95,8 +104,8 @@ class TuneConfig(Model):
     overrides: dict[str, Any] = Field(default_factory=dict, description="nested overrides applied to every trial")
     validation: ValidationConfig | None = Field(None, description="used when the config has no benchmark.validation")
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
-    objective: str = Field("avg_incremental_acc", description="validation metric to maximise")
-    direction: Literal["maximize", "minimize"] = "maximize"
+    objective: Literal[tuple(OBJECTIVES)] = Field("avg_incremental_acc", description="validation metric to optimise")  # type: ignore[valid-type]
+    direction: Literal["maximize", "minimize"] | None = Field(None, description="default: the metric's better direction")
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     trials: int = Field(20, ge=1, description="trials per study (finished or pruned), counted across resumes")
     sampler_seed: Seed = 0
@@ -119,6 +128,8 @@ class TuneConfig(Model):
             raise ValueError("with 'suite', give 'strategies': {entry: space} (and no 'space')")
         if self.suite is None and self.benchmark is not None:
             raise ValueError("'benchmark' names an entry of a suite; it is only used with 'suite'")
+        if self.direction is None:
+            object.__setattr__(self, "direction", OBJECTIVES[self.objective])
         return self
 
 
@@ -150,6 +161,9 @@ def load_tune(path: str | Path, cli_overrides: list[str] | None = None, out_dir:
     else:
         _, planned = plan_suite(tcfg.suite, out_dir=out_dir)  # type: ignore[arg-type]
         bench = tcfg.benchmark or planned[0].benchmark
+        benches = list(dict.fromkeys(p.benchmark for p in planned))
+        if bench not in benches:
+            raise ConfigError(f"{path}: benchmark: '{bench}' is not a benchmark of the suite (benchmarks: {', '.join(map(str, benches))})")
         for entry, space in tcfg.strategies.items():
             match = [p for p in planned if p.strategy == entry and p.benchmark == bench]
             if not match:
@@ -168,11 +182,17 @@ def load_tune(path: str | Path, cli_overrides: list[str] | None = None, out_dir:
                 raise ConfigError(f"{path}: study {study.name}: the config has no benchmark.validation; give 'validation' in the tuning file")
             bench["validation"] = tcfg.validation.model_dump(mode="json")
         study.base = base
+        try:  # the config every trial starts from (a fault here is the file's or a --set's, not a dimension's)
+            cfg = parse_run_config(copy.deepcopy(base))
+        except ConfigError as err:
+            raise ConfigError(f"{path}: study {study.name}: {err}") from None
+        if tcfg.objective == "avg_anytime_acc" and cfg.benchmark.scenario != "online":
+            raise ConfigError(f"{path}: objective 'avg_anytime_acc' is measured on online streams only (study {study.name} is {cfg.benchmark.scenario})")
         for key, param in study.space.items():  # every dimension must name a valid key with valid values
             probe = param.choices if param.choices is not None else list(param.uniform or param.log_uniform or param.integer or ())
             for value in probe:
                 try:
-                    parse_run_config(apply_overrides(base, [f"{key}={json.dumps(value)}"]))
+                    _trial_config(base, {key: value}, tcfg.seeds[0])  # exactly as a trial will build it
                 except ConfigError as err:
                     raise ConfigError(f"{path}: study {study.name}: {key}={value!r}: {err}") from None
     return tcfg, studies, path
@@ -241,7 +261,10 @@ def tune(path: str | Path, cli_overrides: list[str] | None = None, out_dir: str 
     """Run (or resume) the studies of a tuning file; write the best config and the trial reports.
 
     A study resumes only if its definition (base config, space, objective, protocol, seeds) is the
-    one it was started with; ``overwrite`` starts it again.
+    one it was started with; ``overwrite`` starts the whole search again. Everything the config and
+    the data can show to be wrong is refused before anything is written; a point of the space that
+    cannot run on the data (a memory larger than the stream, ...) fails its trial and the search
+    goes on.
     """
     import optuna
 
@@ -251,21 +274,34 @@ def tune(path: str | Path, cli_overrides: list[str] | None = None, out_dir: str 
     budget = trials or tcfg.trials
     out = study_dir(tcfg, studies)
     check_report_dir(out, parse_run_config(studies[0].base).out_dir)
+    db = out / "study.db"
+    _check_study_file(db, overwrite)
+    inputs = _Inputs()
+    _check_on_data(studies, tcfg, inputs)
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{out / 'study.db'}"
-    inputs = _Inputs()
     summary: dict[str, Any] = {"tune": tcfg.tune, "file": str(path), "objective": f"validation {tcfg.objective}",
                                "direction": tcfg.direction, "protocol": tcfg.protocol.model_dump(mode="json"), "seeds": tcfg.seeds,
+                               "overrides": tcfg.overrides, "cli_overrides": list(cli_overrides or []),
                                "budget": budget, "test_data": "sealed: never read by any trial", "studies": {}}
     started = time.perf_counter()
     try:
+        if overwrite:
+            _clear(out)
+        _check_study_file(db, overwrite=False)
+        storage = f"sqlite:///{db}"
+        try:
+            existing = optuna.get_all_study_names(storage)
+        except Exception as err:  # sqlalchemy / sqlite: a damaged or foreign file
+            raise UserError(f"{db} is not a readable study database ({type(err).__name__}); pass --overwrite to start the search again") from None
+        stale = sorted(set(existing) - {st.name for st in studies})
+        if stale:
+            print(f"warning: {db} also holds studies not in this file ({', '.join(stale)}); they are not reported "
+                  f"(--overwrite starts the search again without them)", file=sys.stderr)
         for st in studies:
             # no pruning on the first experience alone: it shows how well a method learns, not how it forgets
             pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1) if tcfg.pruner == "median" else optuna.pruners.NopPruner()
-            if overwrite and st.name in optuna.get_all_study_names(storage):
-                optuna.delete_study(study_name=st.name, storage=storage)
             study = optuna.create_study(storage=storage, study_name=st.name, direction=tcfg.direction, pruner=pruner, load_if_exists=True)
             # seeded by the trials so far: a resumed search draws new points instead of replaying the first ones
             study.sampler = optuna.samplers.TPESampler(seed=tcfg.sampler_seed + len(study.trials), n_startup_trials=min(10, max(budget // 3, 1)))
@@ -273,11 +309,10 @@ def tune(path: str | Path, cli_overrides: list[str] | None = None, out_dir: str 
             if stored is None:
                 study.set_user_attr("definition", definition(st, tcfg))
             elif stored != definition(st, tcfg):
-                raise UserError(f"{out / 'study.db'}: study {st.name} was started with another config, space, objective, protocol "
-                                f"or seeds; pass --overwrite to start it again")
-            done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+                raise UserError(f"{db}: study {st.name} was started with another config, space, objective, protocol "
+                                f"or seeds; pass --overwrite to start the search again")
             t0 = time.perf_counter()
-            for number in range(len(done), budget):
+            for number in range(len(_counted(study)), budget):
                 trial = study.ask()
                 params = {key: param.suggest(trial, key) for key, param in st.space.items()}
 
@@ -293,8 +328,14 @@ def tune(path: str | Path, cli_overrides: list[str] | None = None, out_dir: str 
                     study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                     _say(progress, f"[{st.name} {number + 1}/{budget}] pruned {params}")
                     continue
-                except UserError:
+                except UserError as err:  # this point cannot run on this data; the others may
+                    trial.set_user_attr("error", str(err)[:500])
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    _say(progress, f"[{st.name} {number + 1}/{budget}] failed {params}: {err}")
+                    continue
+                except BaseException:  # interrupted: not a result, and not counted against the budget
+                    with contextlib.suppress(Exception):
+                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     raise
                 trial.set_user_attr("per_seed", per_seed)
                 trial.set_user_attr("seconds", round(time.perf_counter() - t1, 3))
@@ -302,11 +343,75 @@ def tune(path: str | Path, cli_overrides: list[str] | None = None, out_dir: str 
                 _say(progress, f"[{st.name} {number + 1}/{budget}] {tcfg.objective}={value:.4f} {params}")
             summary["studies"][st.name] = _write_study(out, st, study, tcfg, time.perf_counter() - t0)
         summary["wall_time_s"] = round(time.perf_counter() - started, 3)
-        _write_best_config(out, tcfg, studies, summary)
+        _write_best_config(out, tcfg, studies, summary, cli_overrides or [])
         write_json(out / "tune.json", {**summary, "environment": environment_info(_device(studies))})
     finally:
         lock.release()
     return summary
+
+
+def _counted(study: Any) -> list[Any]:
+    """Trials that used up budget: finished, pruned, or failed on their own point (not interrupted)."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    return [t for t in study.trials if t.state in (S.COMPLETE, S.PRUNED) or (t.state == S.FAIL and "error" in t.user_attrs)]
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+OUTPUTS = ("study.db", "study.db-journal", "study.db-wal", "study.db-shm", "tune.json", "best.yaml", "suite.yaml")
+
+
+def _check_study_file(db: Path, overwrite: bool) -> None:
+    """``study.db`` must be a regular file (never a link out of the folder) holding an Optuna study
+    database; ``overwrite`` replaces a damaged one."""
+    import sqlite3
+
+    if db.is_symlink():
+        raise UserError(f"{db} is a symlink; refusing to use it as the study database")
+    if not db.exists():
+        return
+    if not db.is_file():
+        raise UserError(f"{db} is not a regular file; remove it to start the search")
+    if overwrite or db.stat().st_size == 0:
+        return
+    with open(db, "rb") as fh:
+        ok = fh.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    if ok:
+        try:
+            with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as con:
+                ok = con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'").fetchone() is not None
+        except sqlite3.Error:
+            ok = False
+    if not ok:
+        raise UserError(f"{db} is not a study database of cl tune; pass --overwrite to start the search again")
+
+
+def _clear(out: Path) -> None:
+    """``--overwrite``: remove the previous search (its database, tables, plots and best config) and nothing else."""
+    for name in OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    for pattern in ("*trials.csv", "*trials.md", "*trials.png"):
+        for path in out.glob(pattern):
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+
+
+def _check_on_data(studies: list[Study], tcfg: TuneConfig, inputs: _Inputs) -> None:
+    """What only the data can show (validation split too large, first_k beyond the stream, a memory
+    larger than the stream for the base config), refused before anything is written."""
+    from cl.engine.loop import prepare_trial
+
+    for st in studies:
+        cfg = _trial_config(st.base, {}, tcfg.seeds[0])
+        prepared = inputs.get(cfg)
+        n = len(prepared.bench.experiences)
+        if tcfg.protocol.first_k is not None and tcfg.protocol.first_k > n:
+            raise ConfigError(f"protocol.first_k is {tcfg.protocol.first_k} but study {st.name}'s stream has {n} experiences")
+        try:
+            prepare_trial(prepared, cfg, tcfg.protocol.first_k)
+        except UserError as err:
+            raise ConfigError(f"study {st.name}: {err}") from None
 
 
 def _device(studies: list[Study]) -> Any:
@@ -329,10 +434,13 @@ def _write_study(out: Path, st: Study, study: Any, tcfg: TuneConfig, seconds: fl
 
     from analysis.plots import tuning_trials
 
-    trials = [t for t in study.trials if t.state != optuna.trial.TrialState.RUNNING]
+    trials = _counted(study)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     if not complete:
-        raise UserError(f"study {st.name}: no trial completed, so there is no best value (all pruned or failed)")
+        first = f"; first failure: {failed[0].user_attrs['error']}" if failed else ""
+        raise UserError(f"study {st.name}: no trial completed, so there is no best value ({len(failed)} failed, "
+                        f"{len(trials) - len(failed)} pruned{first})")
     keys = list(st.space)
     prefix = f"{st.name}_" if tcfg.suite is not None else ""
     buf = io.StringIO()
@@ -350,6 +458,8 @@ def _write_study(out: Path, st: Study, study: Any, tcfg: TuneConfig, seconds: fl
     for t in sorted(complete, key=lambda t: t.value, reverse=tcfg.direction == "maximize"):
         mark = " **best**" if t.number == best.number else ""
         lines.append(f"| {t.number}{mark} | complete | " + " | ".join(_fmt(t.params.get(k)) for k in keys) + f" | {t.value:.4f} |")
+    for t in failed:
+        lines.append(f"| {t.number} | failed: {t.user_attrs['error'][:120]} | " + " | ".join(_fmt(t.params.get(k)) for k in keys) + " | - |")
     atomic_write_text(out / f"{prefix}trials.md", "\n".join(lines) + "\n")
     tuning_trials([(r[0], r[-3], r[1]) for r in rows], {k: [(t.params.get(k), t.value) for t in complete] for k in keys},
                   out / f"{prefix}trials.png", f"{st.name}: validation {tcfg.objective}", tcfg.direction == "maximize")
@@ -366,17 +476,24 @@ def _relative(target: str, out: Path) -> str:
     return os.path.relpath(target, out)
 
 
-def _write_best_config(out: Path, tcfg: TuneConfig, studies: list[Study], summary: dict[str, Any]) -> None:
+def _write_best_config(out: Path, tcfg: TuneConfig, studies: list[Study], summary: dict[str, Any], cli_overrides: list[str]) -> None:
     """``best.yaml`` (a run config inheriting the tuned one) or ``suite.yaml`` (the suite with its
-    tuned entries' overrides updated), both taken by ``cl run`` / ``cl sweep`` unchanged."""
+    tuned entries' overrides updated), both taken by ``cl run`` / ``cl sweep`` unchanged. The tuning
+    file's ``overrides`` and the ``--set`` values were part of every trial, so both carry them: the
+    selected values hold for the config they were selected on."""
+    from cl.config import PLACEMENT_KEYS, parse_override
+
+    counts = sorted({st["trials"] for st in summary["studies"].values()})
     header = (f"# Selected by `cl tune` on validation {tcfg.objective} ({tcfg.direction}); protocol {tcfg.protocol.model_dump(mode='json')}, "
-              f"seeds {tcfg.seeds}, {summary['budget']} trials per study; the test set was never read.\n")
+              f"seeds {tcfg.seeds}, {'-'.join(map(str, counts[::max(len(counts) - 1, 1)]))} trials per study; the test set was never read.\n")
+    kept = [o for o in cli_overrides if ".".join(parse_override(o)[0]) not in PLACEMENT_KEYS]
+    extra = apply_overrides(copy.deepcopy(tcfg.overrides), kept)  # paths made absolute: this file lives elsewhere
     if tcfg.config is not None:
         best = summary["studies"][studies[0].name]["best_params"]
         base_cfg = parse_run_config(studies[0].base)
         # its own run folder: the tuned config never lands in the directory of the config it came from
         data: dict[str, Any] = {"base": _relative(tcfg.config, out), "run_name": f"{base_cfg.name},tuned={tcfg.tune}"[:120]}
-        data = deep_merge(data, tcfg.overrides)
+        data = deep_merge(data, extra)
         for key, value in best.items():
             data = deep_merge(data, nest(key.split("."), value))
         atomic_write_text(out / "best.yaml", header + yaml_text(data))
@@ -386,10 +503,9 @@ def _write_best_config(out: Path, tcfg: TuneConfig, studies: list[Study], summar
     # its own report and run folders: the tuned suite never lands in the directories of the suite as written
     suite["suite"] = f"{suite['suite']},tuned={tcfg.tune}"[:120]
     for entry in suite["strategies"]:
-        best = summary["studies"].get(entry.get("name"), {}).get("best_params")
-        if best:
-            overrides = entry.get("overrides") or {}
-            for key, value in best.items():
-                overrides = deep_merge(overrides, nest(key.split("."), value))
+        overrides = deep_merge(entry.get("overrides") or {}, extra)  # after the entry's own, as in the trials
+        for key, value in (summary["studies"].get(entry.get("name"), {}).get("best_params") or {}).items():
+            overrides = deep_merge(overrides, nest(key.split("."), value))
+        if overrides:
             entry["overrides"] = overrides
     atomic_write_text(out / "suite.yaml", header + yaml_text(suite))
