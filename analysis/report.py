@@ -353,6 +353,7 @@ def paired_table(runs: dict[str, list[RunRecord]], baseline: str) -> tuple[list[
     difference is paired): mean and Student-t 95% interval, in points. An interval that excludes
     zero is marked ``*``; with fewer than two shared seeds there is no interval."""
     base = {r.seed: r.metrics for r in runs[baseline] if r.metrics is not None and r.seed is not None}
+    base_scenario = _scenario(runs[baseline])
     header = ["strategy", "paired seeds"] + [f"Δ {label} [95% CI]" for label, _, _ in PAIRED]
     rows = []
     for name, recs in runs.items():
@@ -360,9 +361,14 @@ def paired_table(runs: dict[str, list[RunRecord]], baseline: str) -> tuple[list[
             continue
         mine = {r.seed: r.metrics for r in recs if r.metrics is not None and r.seed is not None}
         seeds = sorted(set(mine) & set(base))
+        scenario = _scenario(recs)
+        if seeds and (scenario == "task_incremental") != (base_scenario == "task_incremental"):
+            # the headline reports task-aware accuracy for one and class-incremental for the other
+            rows.append([name, "0", f"not comparable: {scenario} vs {base_scenario}"] + [""] * (len(PAIRED) - 1))
+            continue
         cells = []
         for _, key, scale in PAIRED:
-            task_aware = _scenario(recs) == "task_incremental"
+            task_aware = scenario == "task_incremental"
             diffs = [mine[s].get(metric_key(key, task_aware, mine[s])) for s in seeds]
             refs = [base[s].get(metric_key(key, task_aware, base[s])) for s in seeds]
             st = Stats([a - b for a, b in zip(diffs, refs) if _is_number(a) and _is_number(b) and not math.isnan(a - b)])

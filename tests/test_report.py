@@ -131,3 +131,11 @@ def test_a_baseline_absent_from_one_experiment_is_noted(tmp: Path, capsys):
     (other / "metrics.json").write_text(json.dumps({**metrics, "experiment": "exp2"}))
     assert main(["compare", str(tmp / "runs"), str(tmp / "runs2"), "--out", str(tmp / "rep"), "--baseline", "er"]) == 0
     assert "no row named 'er' in exp2: no paired differences" in (tmp / "rep" / "summary.md").read_text()
+
+
+def test_rows_of_another_scenario_are_not_paired_with_the_baseline(tmp: Path, capsys):
+    fake_run(tmp / "runs", "ci", 0, 0.5)
+    fake_run(tmp / "runs", "ti", 0, 0.5, scenario="task_incremental")
+    assert main(["compare", str(tmp / "runs"), "--out", str(tmp / "rep"), "--baseline", "ci"]) == 0
+    rows = {r["strategy"]: r for r in csv.DictReader(open(tmp / "rep" / "paired.csv"))}
+    assert rows["ti"]["delta final_acc (pts) [95% CI]"] == "not comparable: task_incremental vs class_incremental"

@@ -160,6 +160,7 @@ def test_a_changed_study_is_refused_then_restarted_with_overwrite(tmp: Path, sha
     ({"protocol": {"first_k": 50}}, "protocol.first_k is 50 but study t's stream has 3 experiences"),
     ({"validation": {"per_class": 30}}, "too few to hold out 30 and keep one"),
     ({"validation": {"fraction": 0.99}}, "too few to hold out"),
+    ({"objective": "forgetting", "protocol": {"first_k": 1}}, "objective 'forgetting' needs at least 2 experiences"),
 ])
 def test_bad_tuning_files_are_one_line(tmp: Path, shared_cache: Path, capsys, change, message):
     path = _tune_files(tmp, shared_cache)
@@ -237,6 +238,10 @@ def test_a_point_the_data_cannot_hold_fails_its_trial_and_the_search_goes_on(tmp
     path = _tune_files(tmp, shared_cache, tune="u", trials=2, space={"strategy.memory_size": {"choices": [5000, 6000]}})
     code, _, err = cli(capsys, "tune", str(path))
     one_line_error(code, err, "study u: no trial completed, so there is no best value (2 failed, 0 pruned; first failure:")
+    path = _tune_files(tmp, shared_cache, tune="v", trials=2, pruner="none", space={"strategy.lr": {"choices": [1.0e37, 1.0e38]}})
+    code, stdout, err = cli(capsys, "tune", str(path))  # a diverging point is a failed trial, not a crash
+    one_line_error(code, err, "study v: no trial completed")
+    assert "failed {'strategy.lr': 1e+37}: training diverged: loss term" in stdout and "checkpoint" not in stdout
 
 
 def test_an_interrupted_trial_is_not_left_running_nor_counted(tmp: Path, shared_cache: Path, monkeypatch, capsys):
@@ -263,11 +268,13 @@ def test_an_interrupted_trial_is_not_left_running_nor_counted(tmp: Path, shared_
 
 
 def test_the_best_config_carries_what_every_trial_ran_with(tmp: Path, shared_cache: Path, capsys):
-    path = _tune_files(tmp, shared_cache, trials=1, overrides={"train": {"batch_size": 8}})
+    path = _tune_files(tmp, shared_cache, trials=1, validation=None,
+                       overrides={"train": {"batch_size": 8}, "run_name": "er", "seed": 5, "benchmark": {"validation": {"fraction": 0.3}}})
     assert cli(capsys, "tune", str(path), "--set", "train.epochs=1", "--set", "strategy.memory_size=6", "--set", "seed=3")[0] == 0
     out = tmp / "runs" / "tune" / "t"
     best = yaml.safe_load((out / "best.yaml").read_text())
-    assert best["train"] == {"batch_size": 8, "epochs": 1} and best["strategy"]["memory_size"] == 6 and "seed" not in best
+    assert best["train"] == {"batch_size": 8, "epochs": 1} and best["strategy"]["memory_size"] == 6
+    assert "seed" not in best and best["run_name"] == "er,tuned=t" and best["benchmark"] == {"validation": None}  # final runs: all training data
     assert json.loads((out / "tune.json").read_text())["cli_overrides"] == ["train.epochs=1", "strategy.memory_size=6", "seed=3"]
     code, stdout, _ = cli(capsys, "run", str(out / "best.yaml"), "--dry-run")
     assert code == 0 and "epochs: 1" in stdout and "memory_size: 6" in stdout
@@ -294,3 +301,48 @@ def test_overwrite_starts_the_whole_search_again(tmp: Path, shared_cache: Path, 
     assert cli(capsys, "tune", str(path), "--overwrite")[0] == 0
     assert not (out / "er_trials.csv").exists() and (out / "ft_trials.csv").is_file()
     assert list(json.loads((out / "tune.json").read_text())["studies"]) == ["ft"]
+
+
+def test_a_suite_search_reports_every_study_and_refuses_changes_before_any_trial(tmp: Path, shared_cache: Path, capsys):
+    write_yaml(tmp / "base.yaml", tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "finetune"}))
+    write_yaml(tmp / "suite.yaml", {"suite": "s", "config": "base.yaml", "seeds": [0], "strategies": [
+        {"name": "ft", "overrides": {"strategy": {"name": "finetune", "lr": 0.01}}},
+        {"name": "er", "overrides": {"strategy": {"name": "er", "lr": 0.01, "memory_size": 24}}},
+        {"name": "ncm", "overrides": {"strategy": {"name": "simplecil"}}}]})
+    lr = {"strategy.lr": {"log_uniform": [0.001, 0.5]}}
+    tune = {"tune": "st", "suite": "suite.yaml", "validation": {"per_class": 5}, "trials": 2,
+            "strategies": {"er": {"strategy.memory_size": {"choices": [5000, 6000]}}, "ft": lr}}
+    path = write_yaml(tmp / "tune.yaml", tune)
+    code, _, err = cli(capsys, "tune", str(path))
+    one_line_error(code, err, "study er: no trial completed")
+    out = tmp / "runs" / "tune" / "st"
+    assert (out / "ft_trials.csv").is_file() and not (out / "suite.yaml").exists()  # ft still searched; no partial suite
+    assert list(json.loads((out / "tune.json").read_text())["failed_studies"]) == ["er"]
+    tune["strategies"] = {"er": lr}
+    write_yaml(path, {**tune, "overrides": {"strategy": {"memory_size": 12}}})
+    assert cli(capsys, "tune", str(path), "--overwrite")[0] == 0
+    code, _, err = cli(capsys, "tune", str(path), "--set", "train.epochs=1")  # changes every study: refused before any trial
+    before = (out / "er_trials.csv").read_text()
+    one_line_error(code, err, "study er was started with another config")
+    assert (out / "er_trials.csv").read_text() == before
+    tuned = {e["name"]: e.get("overrides", {}) for e in yaml.safe_load((out / "suite.yaml").read_text())["strategies"]}
+    assert tuned["er"]["strategy"]["memory_size"] == 12 and "memory_size" not in tuned["ft"].get("strategy", {})  # tuned entries only
+    assert cli(capsys, "sweep", str(out / "suite.yaml"), "--dry-run")[0] == 0
+
+
+def test_overwrite_removes_only_the_files_of_the_search(tmp: Path, shared_cache: Path, capsys):
+    path = _tune_files(tmp, shared_cache, trials=1)
+    assert cli(capsys, "tune", str(path))[0] == 0
+    out = tmp / "runs" / "tune" / "t"
+    for name in ("my_notes_trials.csv", "README_trials.md", "notes.txt"):
+        (out / name).write_text("mine")
+    assert cli(capsys, "tune", str(path), "--overwrite")[0] == 0
+    assert all((out / name).read_text() == "mine" for name in ("my_notes_trials.csv", "README_trials.md", "notes.txt"))
+
+
+def test_the_best_config_finds_its_base_through_a_linked_out_dir(tmp: Path, shared_cache: Path, capsys):
+    (tmp / "store" / "deep").mkdir(parents=True)
+    (tmp / "link").symlink_to(tmp / "store" / "deep")
+    path = _tune_files(tmp, shared_cache, trials=1)
+    assert cli(capsys, "tune", str(path), "--out", str(tmp / "link"))[0] == 0
+    assert cli(capsys, "run", str(tmp / "link" / "tune" / "t" / "best.yaml"), "--dry-run")[0] == 0

@@ -41,9 +41,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cl.config import (
     Model, RunConfig, Seed, ValidationConfig, _absolute, apply_overrides, check_folder_name, config_hash, deep_merge,
-    format_validation_error, load_yaml, nest, parse_run_config,
+    flatten, format_validation_error, load_yaml, nest, parse_run_config,
 )
-from cl.errors import ConfigError, UserError
+from cl.errors import ConfigError, TrainingDiverged, UserError
 from cl.utils import atomic_write_text, environment_info, write_json
 from cl.yamlio import yaml_text
 
@@ -288,7 +288,7 @@ def tune(path: str | Path, cli_overrides: list[str] | None = None, out_dir: str 
     started = time.perf_counter()
     try:
         if overwrite:
-            _clear(out)
+            _clear(out, [st.name for st in studies])
         _check_study_file(db, overwrite=False)
         storage = f"sqlite:///{db}"
         try:
@@ -299,18 +299,21 @@ def tune(path: str | Path, cli_overrides: list[str] | None = None, out_dir: str 
         if stale:
             print(f"warning: {db} also holds studies not in this file ({', '.join(stale)}); they are not reported "
                   f"(--overwrite starts the search again without them)", file=sys.stderr)
+        for st in studies:  # every changed study is refused before any trial runs
+            if st.name in existing:
+                stored = optuna.load_study(study_name=st.name, storage=storage).user_attrs.get("definition")
+                if stored is not None and stored != definition(st, tcfg):
+                    raise UserError(f"{db}: study {st.name} was started with another config, space, objective, protocol "
+                                    f"or seeds; pass --overwrite to start the search again")
+        failures: dict[str, str] = {}
         for st in studies:
             # no pruning on the first experience alone: it shows how well a method learns, not how it forgets
             pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1) if tcfg.pruner == "median" else optuna.pruners.NopPruner()
             study = optuna.create_study(storage=storage, study_name=st.name, direction=tcfg.direction, pruner=pruner, load_if_exists=True)
             # seeded by the trials so far: a resumed search draws new points instead of replaying the first ones
             study.sampler = optuna.samplers.TPESampler(seed=tcfg.sampler_seed + len(study.trials), n_startup_trials=min(10, max(budget // 3, 1)))
-            stored = study.user_attrs.get("definition")
-            if stored is None:
+            if study.user_attrs.get("definition") is None:
                 study.set_user_attr("definition", definition(st, tcfg))
-            elif stored != definition(st, tcfg):
-                raise UserError(f"{db}: study {st.name} was started with another config, space, objective, protocol "
-                                f"or seeds; pass --overwrite to start the search again")
             t0 = time.perf_counter()
             for number in range(len(_counted(study)), budget):
                 trial = study.ask()
@@ -328,10 +331,11 @@ def tune(path: str | Path, cli_overrides: list[str] | None = None, out_dir: str 
                     study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                     _say(progress, f"[{st.name} {number + 1}/{budget}] pruned {params}")
                     continue
-                except UserError as err:  # this point cannot run on this data; the others may
-                    trial.set_user_attr("error", str(err)[:500])
+                except (UserError, TrainingDiverged) as err:  # this point cannot run on this data (or diverges); the others may
+                    text = f"training diverged: {str(err).split(';')[0]}" if isinstance(err, TrainingDiverged) else str(err)
+                    trial.set_user_attr("error", text[:500])
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                    _say(progress, f"[{st.name} {number + 1}/{budget}] failed {params}: {err}")
+                    _say(progress, f"[{st.name} {number + 1}/{budget}] failed {params}: {text}")
                     continue
                 except BaseException:  # interrupted: not a result, and not counted against the budget
                     with contextlib.suppress(Exception):
@@ -341,13 +345,29 @@ def tune(path: str | Path, cli_overrides: list[str] | None = None, out_dir: str 
                 trial.set_user_attr("seconds", round(time.perf_counter() - t1, 3))
                 study.tell(trial, value)
                 _say(progress, f"[{st.name} {number + 1}/{budget}] {tcfg.objective}={value:.4f} {params}")
-            summary["studies"][st.name] = _write_study(out, st, study, tcfg, time.perf_counter() - t0)
+            try:
+                summary["studies"][st.name] = _write_study(out, st, study, tcfg, time.perf_counter() - t0)
+            except NoBestValue as err:  # the other studies still run and report
+                failures[st.name] = str(err)
         summary["wall_time_s"] = round(time.perf_counter() - started, 3)
-        _write_best_config(out, tcfg, studies, summary, cli_overrides or [])
+        summary["failed_studies"] = failures
+        if failures:  # a best config missing a study's values would be a different suite: none is written
+            for name in ("best.yaml", "suite.yaml"):
+                (out / name).unlink(missing_ok=True)
+        else:
+            _write_best_config(out, tcfg, studies, summary, cli_overrides or [])
         write_json(out / "tune.json", {**summary, "environment": environment_info(_device(studies))})
     finally:
         lock.release()
+    if failures:
+        first = next(iter(failures.values()))
+        raise UserError(f"{first}{f' (and {len(failures) - 1} more studies)' if len(failures) > 1 else ''}; the other studies' "
+                        f"results are in {out}, no best config was written")
     return summary
+
+
+class NoBestValue(UserError):
+    """A study whose trials all failed or were pruned."""
 
 
 def _counted(study: Any) -> list[Any]:
@@ -387,12 +407,20 @@ def _check_study_file(db: Path, overwrite: bool) -> None:
         raise UserError(f"{db} is not a study database of cl tune; pass --overwrite to start the search again")
 
 
-def _clear(out: Path) -> None:
-    """``--overwrite``: remove the previous search (its database, tables, plots and best config) and nothing else."""
+def _clear(out: Path, names: list[str]) -> None:
+    """``--overwrite``: remove the previous search (its database, the tables and plots of its studies
+    and of ``names``, its best config) and nothing else."""
+    import optuna
+
+    try:  # the studies the old database holds, when it can be read
+        names = names + optuna.get_all_study_names(f"sqlite:///{out / 'study.db'}") if (out / "study.db").is_file() else names
+    except Exception:  # noqa: BLE001 - a damaged database is removed all the same
+        pass
     for name in OUTPUTS:
         (out / name).unlink(missing_ok=True)
-    for pattern in ("*trials.csv", "*trials.md", "*trials.png"):
-        for path in out.glob(pattern):
+    for prefix in [""] + [f"{n}_" for n in names]:
+        for ext in ("csv", "md", "png"):
+            path = out / f"{prefix}trials.{ext}"
             if path.is_file() or path.is_symlink():
                 path.unlink()
 
@@ -408,6 +436,8 @@ def _check_on_data(studies: list[Study], tcfg: TuneConfig, inputs: _Inputs) -> N
         n = len(prepared.bench.experiences)
         if tcfg.protocol.first_k is not None and tcfg.protocol.first_k > n:
             raise ConfigError(f"protocol.first_k is {tcfg.protocol.first_k} but study {st.name}'s stream has {n} experiences")
+        if tcfg.objective in ("forgetting", "bwt") and min(n, tcfg.protocol.first_k or n) < 2:
+            raise ConfigError(f"objective '{tcfg.objective}' needs at least 2 experiences; the search sees 1 (protocol.first_k)")
         try:
             prepare_trial(prepared, cfg, tcfg.protocol.first_k)
         except UserError as err:
@@ -439,7 +469,7 @@ def _write_study(out: Path, st: Study, study: Any, tcfg: TuneConfig, seconds: fl
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     if not complete:
         first = f"; first failure: {failed[0].user_attrs['error']}" if failed else ""
-        raise UserError(f"study {st.name}: no trial completed, so there is no best value ({len(failed)} failed, "
+        raise NoBestValue(f"study {st.name}: no trial completed, so there is no best value ({len(failed)} failed, "
                         f"{len(trials) - len(failed)} pruned{first})")
     keys = list(st.space)
     prefix = f"{st.name}_" if tcfg.suite is not None else ""
@@ -473,14 +503,18 @@ def _fmt(value: Any) -> str:
 
 
 def _relative(target: str, out: Path) -> str:
-    return os.path.relpath(target, out)
+    """``target`` relative to the folder a file in ``out`` is loaded from (links resolved, as the loader does)."""
+    return os.path.relpath(Path(target).resolve(), out.resolve())
 
 
 def _write_best_config(out: Path, tcfg: TuneConfig, studies: list[Study], summary: dict[str, Any], cli_overrides: list[str]) -> None:
     """``best.yaml`` (a run config inheriting the tuned one) or ``suite.yaml`` (the suite with its
-    tuned entries' overrides updated), both taken by ``cl run`` / ``cl sweep`` unchanged. The tuning
-    file's ``overrides`` and the ``--set`` values were part of every trial, so both carry them: the
-    selected values hold for the config they were selected on."""
+    tuned entries' overrides updated), both taken by ``cl run`` / ``cl sweep`` unchanged.
+
+    The tuning file's ``overrides`` and the ``--set`` values ran in every trial, so the tuned config
+    (suite mode: the tuned entries) carries them: selected values hold for the config they were
+    selected on. Not carried: run placement (experiment, run_name, seed) and the validation split,
+    since final runs train on all the training data."""
     from cl.config import PLACEMENT_KEYS, parse_override
 
     counts = sorted({st["trials"] for st in summary["studies"].values()})
@@ -488,12 +522,17 @@ def _write_best_config(out: Path, tcfg: TuneConfig, studies: list[Study], summar
               f"seeds {tcfg.seeds}, {'-'.join(map(str, counts[::max(len(counts) - 1, 1)]))} trials per study; the test set was never read.\n")
     kept = [o for o in cli_overrides if ".".join(parse_override(o)[0]) not in PLACEMENT_KEYS]
     extra = apply_overrides(copy.deepcopy(tcfg.overrides), kept)  # paths made absolute: this file lives elsewhere
+    for key in PLACEMENT_KEYS:
+        extra.pop(key, None)
+    if isinstance(extra.get("benchmark"), dict):
+        extra["benchmark"].pop("validation", None)
+    no_validation = {"benchmark": {"validation": None}}
     if tcfg.config is not None:
         best = summary["studies"][studies[0].name]["best_params"]
         base_cfg = parse_run_config(studies[0].base)
         # its own run folder: the tuned config never lands in the directory of the config it came from
         data: dict[str, Any] = {"base": _relative(tcfg.config, out), "run_name": f"{base_cfg.name},tuned={tcfg.tune}"[:120]}
-        data = deep_merge(data, extra)
+        data = deep_merge(deep_merge(data, extra), no_validation)
         for key, value in best.items():
             data = deep_merge(data, nest(key.split("."), value))
         atomic_write_text(out / "best.yaml", header + yaml_text(data))
@@ -502,10 +541,18 @@ def _write_best_config(out: Path, tcfg: TuneConfig, studies: list[Study], summar
     suite["config"] = _relative(suite["config"], out)
     # its own report and run folders: the tuned suite never lands in the directories of the suite as written
     suite["suite"] = f"{suite['suite']},tuned={tcfg.tune}"[:120]
+    suite["overrides"] = deep_merge(suite.get("overrides") or {}, no_validation)
+    untouched = []
     for entry in suite["strategies"]:
+        best = summary["studies"].get(entry.get("name"), {}).get("best_params")
+        if best is None:
+            untouched.append(str(entry.get("name")))
+            continue
         overrides = deep_merge(entry.get("overrides") or {}, extra)  # after the entry's own, as in the trials
-        for key, value in (summary["studies"].get(entry.get("name"), {}).get("best_params") or {}).items():
+        for key, value in best.items():
             overrides = deep_merge(overrides, nest(key.split("."), value))
-        if overrides:
-            entry["overrides"] = overrides
+        entry["overrides"] = overrides
+    if extra and untouched:
+        print(f"warning: suite.yaml carries the tuning overrides ({', '.join(flatten(extra))}) into the tuned entries only; "
+              f"{', '.join(untouched)} run as the suite says", file=sys.stderr)
     atomic_write_text(out / "suite.yaml", header + yaml_text(suite))
