@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from analysis import metrics as M
 
@@ -93,3 +94,19 @@ def test_matrix_must_be_square():
     with pytest.raises(ValueError, match="test-set sizes"):
         M.final_acc(R, [1, 2])
     assert math.isnan(M.as_matrix(R)[0, 1])
+
+
+def test_a_row_the_strategy_cannot_score_is_a_miss_not_class_0():
+    from cl.engine.evaluate import accuracy_on_classes, count_hits
+
+    inf = float("inf")
+    scores = torch.tensor([[-inf, -inf, -inf], [0.1, 0.5, -inf], [float("nan")] * 3, [inf, 0.0, 0.0]])
+    y = torch.tensor([0, 1, 0, 0])
+    assert count_hits(scores, y) == 2  # rows 0 and 2 would have been "class 0" hits under a bare argmax
+
+    class Blind:
+        def predict(self, x, task_id):
+            return torch.full((len(x), 3), -inf)
+
+    x = torch.zeros(4, 2)
+    assert accuracy_on_classes(Blind(), x, torch.tensor([0, 0, 1, 2]), torch.tensor([True, True, True]), 2) == 0.0

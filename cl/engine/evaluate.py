@@ -62,18 +62,28 @@ def evaluate(strategy: object, experiences: list[Experience], trained: int, batc
             else:
                 scores = strategy.predict(xb, None)  # type: ignore[attr-defined]
             if not is_future:
-                hits_cil += int((scores[:, :n_seen].argmax(1).cpu() == yb).sum())
+                hits_cil += count_hits(scores[:, :n_seen], yb)
             task_scores = (strategy.predict(xb, j) if aware else scores)[:, lo:hi]  # type: ignore[attr-defined]
             if not torch.isfinite(task_scores).all():
                 til_defined = False
                 continue
-            hits_til += int(((task_scores.argmax(1) + lo).cpu() == yb).sum())
+            hits_til += count_hits(task_scores, yb - lo)
         n = max(len(data), 1)
         cil.append(None if is_future else hits_cil / n)
         til.append(hits_til / n if til_defined else None)
         if tinf is not None:
             tinf.append(None if is_future else hits_task / n)
     return EvalRow(cil, til, tinf)
+
+
+def count_hits(scores: Tensor, y: Tensor) -> int:
+    """Correct argmax predictions; a row the strategy cannot score at all (every score -inf or NaN)
+    is a miss, never a vote for class 0."""
+    if scores.shape[1] == 0:
+        return 0
+    best, pred = scores.max(1)
+    scorable = torch.isfinite(best) | (best == float("inf"))
+    return int(((pred.cpu() == y) & scorable.cpu()).sum())
 
 
 @torch.no_grad()
@@ -88,5 +98,5 @@ def accuracy_on_classes(strategy: object, x: Tensor, y: Tensor, classes: Tensor,
     for start in range(0, len(y), batch_size):
         scores = strategy.predict(x[start : start + batch_size], None)  # type: ignore[attr-defined]
         scores = scores.masked_fill(~allowed.to(scores.device)[None, :], float("-inf"))
-        hits += int((scores.argmax(1).cpu() == y[start : start + batch_size]).sum())
+        hits += count_hits(scores, y[start : start + batch_size])
     return hits / len(y)
