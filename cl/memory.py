@@ -55,12 +55,21 @@ class ReplayMemory:
         per_row = self._x[0].element_size() * self._x[0].numel() + 2 * 8
         return per_row * self.size
 
-    def sample(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``min(n, len)`` distinct stored samples, uniformly at random: (x, y, task ids)."""
+    def sample(self, n: int, before_task: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``min(n, len)`` distinct stored samples, uniformly at random: (x, y, task ids). With
+        ``before_task``, only among the samples of tasks ``< before_task`` (possibly none)."""
         if self._x is None or self.size == 0:
             raise RuntimeError("cannot sample from an empty memory")
-        idx = torch.randperm(self.size, generator=self.generator)[:n]
+        if before_task is None:
+            idx = torch.randperm(self.size, generator=self.generator)[:n]
+        else:
+            pool = torch.nonzero(self._t[: self.size] < before_task).flatten()
+            idx = pool[torch.randperm(len(pool), generator=self.generator)[:n]]
         return self._x[idx], self._y[idx], self._t[idx]
+
+    def count_before(self, task: int) -> int:
+        """Stored samples of tasks ``< task``."""
+        return int((self._t[: self.size] < task).sum()) if self.size else 0
 
     def class_counts(self) -> dict[int, int]:
         return {int(c): int(n) for c, n in zip(*torch.unique(self.y, return_counts=True))}

@@ -12,7 +12,9 @@ every unverified choice a config option:
 * the loss is CE over all seen classes on the current batch plus ``lambda_t`` x CE over all seen
   classes on a memory batch. With old rows frozen, the within-old-task part of the replay loss has
   no gradient; what remains only teaches the current task's rows to stay out of old tasks' regions;
-* ``lambda_t`` is the "rebalancing" weight, whose form is unknown: :func:`rebalance_weight`.
+* ``lambda_t`` is the "rebalancing" weight, whose form is unknown: :func:`rebalance_weight`;
+* the replay batch holds old tasks' samples only (``replay_from: old_tasks``): online, the
+  reservoir also holds the current task's, which would otherwise be replayed with weight lambda_t.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class ERTaskAwareConfig(OptimConfig):
     detach: bool = Field(True, description="old tasks' classifier rows get no gradient and are not optimised [RECON]")
     rebalance: Rebalance = Field("class_ratio", description="form of the replay-loss weight lambda_t [RECON]")
     rebalance_value: float = Field(1.0, ge=0, description="lambda for rebalance: constant")
+    replay_from: Literal["old_tasks", "all"] = Field(
+        "old_tasks", description="replayed memory samples: old tasks' only (the method's replay term acts on old tasks), or all "
+        "(online, the reservoir also holds the current task's samples, which lambda_t would then up-weight)"
+    )
 
 
 def rebalance_weight(kind: str, task: int, old_classes: int, current_classes: int, old_samples: int, memory_size: int, value: float = 1.0) -> float:
@@ -144,9 +150,10 @@ class ERTaskAware(Strategy):
         loss_current = masked_cross_entropy(self._logits(x), y.to(self.device), *self.label_ranges(t))
         loss = loss_current
         terms = {"loss_current": loss_current.item()}
-        if len(self._memory) and self.weight > 0:
+        before = task_id if self.cfg.replay_from == "old_tasks" else None
+        if len(self._memory) and self.weight > 0 and (before is None or self._memory.count_before(before)):
             batch = self.cfg.replay_batch_size or len(y)
-            mx, my, mt = self._memory.sample(batch)
+            mx, my, mt = self._memory.sample(batch, before_task=before)
             loss_replay = masked_cross_entropy(self._logits(mx.to(x.dtype)), my.to(self.device), *self.label_ranges(mt))
             loss = loss + self.weight * loss_replay
             terms["loss_replay"] = loss_replay.item()

@@ -99,3 +99,22 @@ def test_resume_restores_task_heads(tmp: Path, shared_cache: Path):
     cfg = parse_run_config({**base, "out_dir": str(tmp / "b")})
     run(cfg, stop_after=2)
     assert run(cfg, resume=True)["acc_matrix"] == full["acc_matrix"]
+
+
+@pytest.mark.parametrize("replay_from, current_in_replay", [("old_tasks", False), ("all", True)])
+def test_online_replay_holds_old_tasks_only_by_default(tmp: Path, shared_cache: Path, replay_from: str, current_in_replay: bool):
+    cfg = parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), train={"epochs": 1}, benchmark={"scenario": "online"},
+                                       strategy={"name": "er_task_aware", "memory_size": 40, "replay_from": replay_from}))
+    s = prepare(cfg).strategy
+    exps = prepare(cfg).bench.experiences
+    replayed = []
+    real = s._memory.sample
+    s._memory.sample = lambda n, before_task=None: (lambda out: (replayed.append(out[2]), out)[1])(real(n, before_task))
+    for exp in exps[:2]:
+        s.before_experience(exp)
+        for start in range(0, len(exp.train), 8):
+            s.observe(exp.train.x[start : start + 8], exp.train.y[start : start + 8], exp.task_id)
+        s.after_experience(exp)
+    tasks = torch.cat(replayed)
+    assert len(tasks) and (tasks == 0).any()  # task 1's steps replayed task 0 ...
+    assert bool((tasks == 1).any()) == current_in_replay  # ... and, by default, never the task being learnt
