@@ -65,6 +65,18 @@ def final_acc(R: Matrix, n_test: Sequence[int]) -> float:
     return float(np.sum(A[-1] * w) / np.sum(w))
 
 
+def final_old_new_acc(R: Matrix, n_test: Sequence[int]) -> tuple[float | None, float]:
+    """Stability and plasticity after the last experience: sample-weighted accuracy on the earlier
+    tasks' test samples (None with one task) and on the last task's (its "new" classes)."""
+    A = as_matrix(R)
+    T = len(A)
+    w = _weights(n_test, T)
+    new = float(A[-1, -1])
+    if T < 2:
+        return None, new
+    return float(np.sum(A[-1, :-1] * w[:-1]) / np.sum(w[:-1])), new
+
+
 def seen_classes_acc(row: Sequence[float | None], n_test: Sequence[int], i: int) -> float:
     """Accuracy on the test samples of tasks 0..i, from row i of the matrix (sample-weighted)."""
     w = np.asarray(n_test[: i + 1], dtype=np.float64)
@@ -118,9 +130,12 @@ def avg_anytime_acc(accs: Sequence[float]) -> float | None:
 
 def summarize(R: Matrix, n_test: Sequence[int], initial: Sequence[float | None] | None = None) -> dict[str, Any]:
     """Every scalar of one accuracy matrix."""
+    old, new = final_old_new_acc(R, n_test)
     return {
         "final_avg_acc": final_avg_acc(R),
         "final_acc": final_acc(R, n_test),
+        "final_old_acc": _clean(old) if old is not None else None,
+        "final_new_acc": _clean(new),
         "incremental_acc": incremental_accs(R, n_test),
         "avg_incremental_acc": avg_incremental_acc(R, n_test),
         "forgetting": forgetting(R),

@@ -38,6 +38,7 @@ from cl.config import PLACEMENT_KEYS, VOLATILE_KEYS, flatten
 HEADLINE = [
     ("final acc (%)", "final_acc", 100.0, ".1f"),
     ("avg inc acc (%)", "avg_incremental_acc", 100.0, ".1f"),
+    ("old / new acc (%)", "final_old_acc", 100.0, ".1f"),  # stability / plasticity: rendered as one cell
     ("forgetting (%)", "forgetting", 100.0, ".1f"),
     ("BWT (%)", "bwt", 100.0, ".1f"),
     ("wall time (s)", "wall_time_s", 1.0, ".1f"),
@@ -134,10 +135,26 @@ def check_metrics(m: Any) -> dict[str, Any]:
     return m
 
 
+def _derive(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics added after a run was made, computed from its accuracy matrices the same way."""
+    from analysis.metrics import final_old_new_acc
+
+    if "final_old_acc" in metrics:
+        return metrics
+    try:
+        for where, key in ((metrics, "acc_matrix"), (metrics.get("task_aware"), "acc_matrix_task_aware")):
+            if isinstance(where, dict) and metrics.get(key):
+                old, new = final_old_new_acc(metrics[key], metrics["n_test_per_task"])
+                where["final_old_acc"], where["final_new_acc"] = old, new
+    except (KeyError, TypeError, ValueError):
+        pass
+    return metrics
+
+
 def _record_from_dir(run_dir: Path) -> RunRecord:
     metrics = None
     if (run_dir / "metrics.json").is_file():
-        metrics = check_metrics(_read_json(run_dir / "metrics.json"))
+        metrics = _derive(check_metrics(_read_json(run_dir / "metrics.json")))
     cfg: dict[str, Any] = {}
     if (run_dir / "config.yaml").is_file():
         cfg = _read_yaml(run_dir / "config.yaml") or {}
@@ -338,6 +355,10 @@ def headline_table(runs: dict[str, list[RunRecord]], ci: bool = False) -> tuple[
         for _, key, scale, fmt in columns:
             k = metric_key(key, task_aware, done[0].metrics) if done else key  # type: ignore[arg-type]
             st = agg.get(k, Stats())
+            if key == "final_old_acc":  # one cell: accuracy on earlier tasks / on the last task's classes
+                new = agg.get(metric_key("final_new_acc", task_aware, done[0].metrics) if done else "final_new_acc", Stats())
+                cells.append(f"{st.format(scale, fmt).split(' ')[0]} / {new.format(scale, fmt).split(' ')[0]}")
+                continue
             # a metric missing or NaN in some finished runs: say over how many it is taken
             cells.append(st.format(scale, fmt, ci and key in ("final_acc", "avg_incremental_acc", "forgetting")) + (f" (n={st.n})" if 0 < st.n < len(done) else ""))
         which = (["task-aware" if task_aware else "class-incremental"] if mixed else [])

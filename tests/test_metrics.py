@@ -110,3 +110,12 @@ def test_a_row_the_strategy_cannot_score_is_a_miss_not_class_0():
 
     x = torch.zeros(4, 2)
     assert accuracy_on_classes(Blind(), x, torch.tensor([0, 0, 1, 2]), torch.tensor([True, True, True]), 2) == 0.0
+
+
+def test_old_and_new_accuracy_after_the_last_task_by_hand():
+    R = [[0.9, None, None], [0.7, 0.8, None], [0.5, 0.6, 0.2]]
+    old, new = M.final_old_new_acc(R, [10, 30, 20])
+    assert old == pytest.approx((0.5 * 10 + 0.6 * 30) / 40) and new == pytest.approx(0.2)  # forgetting low, plasticity too
+    assert M.final_old_new_acc([[0.4]], [5]) == (None, pytest.approx(0.4))
+    s = M.summarize(R, [10, 30, 20])
+    assert s["final_old_acc"] == pytest.approx(0.575) and s["final_new_acc"] == pytest.approx(0.2)

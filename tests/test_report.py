@@ -139,3 +139,9 @@ def test_rows_of_another_scenario_are_not_paired_with_the_baseline(tmp: Path, ca
     assert main(["compare", str(tmp / "runs"), "--out", str(tmp / "rep"), "--baseline", "ci"]) == 0
     rows = {r["strategy"]: r for r in csv.DictReader(open(tmp / "rep" / "paired.csv"))}
     assert rows["ti"]["delta final_acc (pts) [95% CI]"] == "not comparable: task_incremental vs class_incremental"
+
+
+def test_old_and_new_accuracy_are_shown_and_derived_for_runs_made_before_they_existed(tmp: Path):
+    fake_run(tmp / "runs", "er", 0, 0.6)  # its metrics.json predates final_old_acc: derived from the matrix
+    text = write_report(discover_runs([tmp / "runs"]), tmp / "rep")
+    assert "old / new acc (%)" in text and "50.0 / 70.0" in text
