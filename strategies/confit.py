@@ -48,6 +48,9 @@ class ConFiTConfig(OptimConfig):
         default_factory=lambda: [0.2, 0.5], min_length=2, max_length=2,
         description="stage boundaries as fractions of the epochs: classifier until floor(E*a), + BN affine until floor(E*b)",
     )
+    recover_current: bool = Field(
+        False, description="also evaluate the task just trained with recovered means (the official code recovers only older tasks)"
+    )
     task_inference: Literal["prototype", "max_softmax"] = Field(
         "prototype", description="class-incremental only: nearest class mean on the pretrained features, or the most confident task head",
     )
@@ -61,9 +64,18 @@ class ConFiTConfig(OptimConfig):
 
 
 def stage_of(epoch: int, epochs: int, fractions: list[float]) -> int:
-    """0 = classifier only, 1 = + BN affine, 2 = all parameters (official: floor(E/5), floor(E/2))."""
+    """0 = classifier only, 1 = + BN affine, 2 = all parameters, as the official training loop:
+    every task starts with the classifier alone, and the stage switches when the epoch index equals
+    floor(E*a) (to 1), else floor(E*b) (to 2). For E >= 5 that is [0, a) / [a, b) / [b, E); for E < 5
+    the first stage is not skipped (E=4: 0, 0, 2, 2; E=1: classifier only)."""
     a, b = (math.floor(epochs * f) for f in fractions)
-    return 0 if epoch < a else (1 if epoch < b else 2)
+    stage = 0
+    for e in range(1, epoch + 1):
+        if e == a:
+            stage = 1
+        elif e == b:
+            stage = 2
+    return stage
 
 
 BN_KEYS = ("running_mean", "running_var", "weight", "bias")
@@ -197,7 +209,8 @@ class ConFiT(Strategy):
             return None
         bank = self.bank[task]
         state = {name: {key: bank[f"{name}.{key}"] for key in BN_KEYS} for name in self.bns}
-        if variant != "per_task":
+        # official: only tasks before the one just trained are corrected; it keeps its fresh statistics
+        if variant != "per_task" and (task != self.current or self.cfg.recover_current):
             for name, mean in self.recovered_means(task, variant).items():
                 state[name] = {**state[name], "running_mean": mean}
         return state
@@ -302,4 +315,6 @@ class ConFiT(Strategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        if self.bank:  # the last task trained: evaluated with its own statistics, not recovered ones
+            self.current = max(self.bank)
         self._version += 1

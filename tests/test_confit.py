@@ -33,7 +33,9 @@ def train_task(s, exp, epochs: int = 5):
 def test_stage_boundaries_follow_the_official_code():
     assert [stage_of(e, 10, [0.2, 0.5]) for e in range(10)] == [0, 0, 1, 1, 1, 2, 2, 2, 2, 2]
     assert [stage_of(e, 5, [0.2, 0.5]) for e in range(5)] == [0, 1, 2, 2, 2]
-    assert [stage_of(e, 1, [0.2, 0.5]) for e in range(1)] == [2]
+    assert [stage_of(e, 4, [0.2, 0.5]) for e in range(4)] == [0, 0, 2, 2]  # the official loop, not [1, 1, 2, 2]
+    assert [stage_of(e, 3, [0.2, 0.5]) for e in range(3)] == [0, 2, 2]
+    assert [stage_of(e, 1, [0.2, 0.5]) for e in range(1)] == [0]  # classifier only, not everything
 
 
 def test_which_parameters_train_at_each_epoch(tmp: Path, shared_cache: Path):
@@ -94,6 +96,21 @@ def test_task_state_loads_and_restores(tmp: Path, shared_cache: Path):
         assert torch.allclose(bn.running_mean, s.recovered_means(0)[bn_name])  # Xconv-recovered mean
         assert not torch.equal(bn.running_mean, s.bank[0][f"{bn_name}.running_mean"]) and pair is not None
     assert torch.equal(bn.running_var, live)
+
+
+@pytest.mark.parametrize("recover_current", [False, True])
+def test_the_task_just_trained_keeps_its_stored_statistics(tmp: Path, shared_cache: Path, recover_current: bool):
+    prep = prepare(cfg(tmp, shared_cache, bn="xconv", recover_current=recover_current))
+    s, exps = prep.strategy, prep.bench.experiences
+    train_task(s, exps[0])
+    train_task(s, exps[1])
+    bn_name, bn = next(iter(s.bns.items()))
+    with s.task_state(1):  # the task just trained: its own stored mean (official), unless asked otherwise
+        stored = torch.equal(bn.running_mean, s.bank[1][f"{bn_name}.running_mean"])
+        recovered = torch.allclose(bn.running_mean, s.recovered_means(1)[bn_name])
+    assert (stored, recovered) == ((False, True) if recover_current else (True, recovered))
+    with s.task_state(0):  # older tasks are always corrected
+        assert torch.allclose(bn.running_mean, s.recovered_means(0)[bn_name])
 
 
 def test_frozen_bn_keeps_pretrained_statistics(tmp: Path, shared_cache: Path):
