@@ -292,7 +292,7 @@ class ConFiT(Strategy):
                 state = self.bn_state_for(task_id, variant)
                 assert state is not None
                 for name, values in state.items():
-                    out[f"bn_running_{variant}/{name}"] = values["running_mean"].float().cpu()
+                    out[f"bn_running_{variant}/{name}"] = values["running_mean"].float().cpu().clone()  # variants may share one stored tensor
         return out
 
     def storage_bytes(self) -> int:

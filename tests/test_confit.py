@@ -161,3 +161,16 @@ def test_max_softmax_task_inference(tmp: Path, shared_cache: Path):
 def test_confit_requires_a_fully_trainable_batchnorm_backbone(tmp: Path):
     with pytest.raises(ConfigError, match="confit fine-tunes the whole backbone"):
         parse_run_config(tiny_config(tmp, strategy={"name": "confit"}))
+
+
+def test_probes_of_the_task_just_trained_save_as_separate_tensors(tmp: Path, shared_cache: Path):
+    from safetensors.torch import save_file
+
+    prep = prepare(cfg(tmp, shared_cache, bn="xconv"))
+    s, exps = prep.strategy, prep.bench.experiences
+    train_task(s, exps[0])
+    x = exps[0].test.x[:4]
+    out = s.probe(x, x, 0)  # task 0 is the task just trained: every variant uses its stored mean
+    name = next(iter(s.bns))
+    assert torch.equal(out[f"bn_running_xconv/{name}"], out[f"bn_running_per_task/{name}"])
+    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp / "probe.safetensors"))  # shared storage would be refused
