@@ -357,7 +357,7 @@ def headline_table(runs: dict[str, list[RunRecord]], ci: bool = False) -> tuple[
             st = agg.get(k, Stats())
             if key == "final_old_acc":  # one cell: accuracy on earlier tasks / on the last task's classes
                 new = agg.get(metric_key("final_new_acc", task_aware, done[0].metrics) if done else "final_new_acc", Stats())
-                cells.append(f"{st.format(scale, fmt).split(' ')[0]} / {new.format(scale, fmt).split(' ')[0]}")
+                cells.append(" / ".join("-" if m.mean is None else f"{m.mean * scale:{fmt}}" for m in (st, new)))
                 continue
             # a metric missing or NaN in some finished runs: say over how many it is taken
             cells.append(st.format(scale, fmt, ci and key in ("final_acc", "avg_incremental_acc", "forgetting")) + (f" (n={st.n})" if 0 < st.n < len(done) else ""))
@@ -388,8 +388,8 @@ def paired_table(runs: dict[str, list[RunRecord]], baseline: str) -> tuple[list[
             rows.append([name, "0", f"not comparable: {scenario} vs {base_scenario}"] + [""] * (len(PAIRED) - 1))
             continue
         cells = []
+        task_aware = scenario == "task_incremental"
         for _, key, scale in PAIRED:
-            task_aware = scenario == "task_incremental"
             diffs = [mine[s].get(metric_key(key, task_aware, mine[s])) for s in seeds]
             refs = [base[s].get(metric_key(key, task_aware, base[s])) for s in seeds]
             st = Stats([a - b for a, b in zip(diffs, refs) if _is_number(a) and _is_number(b) and not math.isnan(a - b)])

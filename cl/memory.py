@@ -67,10 +67,6 @@ class ReplayMemory:
             idx = pool[torch.randperm(len(pool), generator=self.generator)[:n]]
         return self._x[idx], self._y[idx], self._t[idx]
 
-    def count_before(self, task: int) -> int:
-        """Stored samples of tasks ``< task``."""
-        return int((self._t[: self.size] < task).sum()) if self.size else 0
-
     def class_counts(self) -> dict[int, int]:
         return {int(c): int(n) for c, n in zip(*torch.unique(self.y, return_counts=True))}
 

@@ -150,13 +150,13 @@ class ERTaskAware(Strategy):
         loss_current = masked_cross_entropy(self._logits(x), y.to(self.device), *self.label_ranges(t))
         loss = loss_current
         terms = {"loss_current": loss_current.item()}
-        before = task_id if self.cfg.replay_from == "old_tasks" else None
-        if len(self._memory) and self.weight > 0 and (before is None or self._memory.count_before(before)):
+        if len(self._memory) and self.weight > 0:
             batch = self.cfg.replay_batch_size or len(y)
-            mx, my, mt = self._memory.sample(batch, before_task=before)
-            loss_replay = masked_cross_entropy(self._logits(mx.to(x.dtype)), my.to(self.device), *self.label_ranges(mt))
-            loss = loss + self.weight * loss_replay
-            terms["loss_replay"] = loss_replay.item()
+            mx, my, mt = self._memory.sample(batch, before_task=task_id if self.cfg.replay_from == "old_tasks" else None)
+            if len(my):  # online, the memory may hold the current task's samples only
+                loss_replay = masked_cross_entropy(self._logits(mx.to(x.dtype)), my.to(self.device), *self.label_ranges(mt))
+                loss = loss + self.weight * loss_replay
+                terms["loss_replay"] = loss_replay.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

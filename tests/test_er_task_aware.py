@@ -105,8 +105,8 @@ def test_resume_restores_task_heads(tmp: Path, shared_cache: Path):
 def test_online_replay_holds_old_tasks_only_by_default(tmp: Path, shared_cache: Path, replay_from: str, current_in_replay: bool):
     cfg = parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), train={"epochs": 1}, benchmark={"scenario": "online"},
                                        strategy={"name": "er_task_aware", "memory_size": 40, "replay_from": replay_from}))
-    s = prepare(cfg).strategy
-    exps = prepare(cfg).bench.experiences
+    prep = prepare(cfg)
+    s, exps = prep.strategy, prep.bench.experiences
     replayed = []
     real = s._memory.sample
     s._memory.sample = lambda n, before_task=None: (lambda out: (replayed.append(out[2]), out)[1])(real(n, before_task))

@@ -82,7 +82,7 @@ def count_hits(scores: Tensor, y: Tensor) -> int:
     if scores.shape[1] == 0:
         return 0
     best, pred = scores.max(1)
-    scorable = torch.isfinite(best) | (best == float("inf"))
+    scorable = best > float("-inf")  # False for -inf and NaN
     return int(((pred.cpu() == y) & scorable.cpu()).sum())
 
 

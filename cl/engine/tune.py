@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import sys
@@ -40,7 +39,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cl.config import (
-    Model, RunConfig, Seed, ValidationConfig, _absolute, apply_overrides, check_folder_name, config_hash, deep_merge,
+    PLACEMENT_KEYS, Model, RunConfig, Seed, ValidationConfig, _absolute, apply_overrides, check_folder_name, config_hash, deep_merge,
     flatten, format_validation_error, load_yaml, nest, parse_run_config,
 )
 from cl.errors import ConfigError, TrainingDiverged, UserError
@@ -169,7 +168,7 @@ def load_tune(path: str | Path, cli_overrides: list[str] | None = None, out_dir:
             if not match:
                 names = sorted({p.strategy for p in planned})
                 raise ConfigError(f"{path}: strategies.{entry}: no such entry in the suite (entries: {', '.join(names)})")
-            data = {k: v for k, v in match[0].data.items() if k not in ("experiment", "run_name", "seed")}
+            data = {k: v for k, v in match[0].data.items() if k not in PLACEMENT_KEYS}
             studies.append(Study(entry, data, space))
     for study in studies:
         base = deep_merge(study.base, tcfg.overrides)
@@ -515,14 +514,11 @@ def _write_best_config(out: Path, tcfg: TuneConfig, studies: list[Study], summar
     (suite mode: the tuned entries) carries them: selected values hold for the config they were
     selected on. Not carried: run placement (experiment, run_name, seed) and the validation split,
     since final runs train on all the training data."""
-    from cl.config import PLACEMENT_KEYS, parse_override
-
     counts = sorted({st["trials"] for st in summary["studies"].values()})
     header = (f"# Selected by `cl tune` on validation {tcfg.objective} ({tcfg.direction}); protocol {tcfg.protocol.model_dump(mode='json')}, "
               f"seeds {tcfg.seeds}, {'-'.join(map(str, counts[::max(len(counts) - 1, 1)]))} trials per study; the test set was never read.\n")
-    kept = [o for o in cli_overrides if ".".join(parse_override(o)[0]) not in PLACEMENT_KEYS]
-    extra = apply_overrides(copy.deepcopy(tcfg.overrides), kept)  # paths made absolute: this file lives elsewhere
-    for key in PLACEMENT_KEYS:
+    extra = apply_overrides(copy.deepcopy(tcfg.overrides), cli_overrides)  # paths made absolute: this file lives elsewhere
+    for key in PLACEMENT_KEYS:  # from the file's overrides or a --set: the tuned config names its own run
         extra.pop(key, None)
     if isinstance(extra.get("benchmark"), dict):
         extra["benchmark"].pop("validation", None)
