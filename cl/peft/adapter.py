@@ -3,7 +3,11 @@
 * ``placement: parallel`` is AdaptFormer (Chen et al., NeurIPS 2022): a branch fed with the block's
   un-normalised stream x' (before LN2), added next to the MLP: ``y = x' + MLP(LN2 x') + s·up(ReLU(down x'))``;
   ``up`` starts at zero, so the backbone is unchanged at init. Defaults d=8 (the VTAB-table setting;
-  the official code uses 64), s=0.1.
+  the official code uses 64), s=0.1, dropout 0.1 after the ReLU (the official code's).
+* ``bits: 1`` is Bi-AdaptFormer (Jie et al., ICCV 2023): no biases by default (``bias: true`` adds
+  them back, as float32), ``up`` drawn from N(0, 1e-3²) truncated at ±2σ (a zero matrix cannot be
+  standardised). The paper's width is d=32; d stays 8 here so that the 1-bit and float adapters
+  differ only in precision.
 * ``placement: sequential`` is the "Adapter" row of the VTAB tables (NOAH's implementation): after
   the MLP output, before the residual add, ``h ← h + s·up(QuickGELU(down h))``, xavier weights and
   N(0, 1e-6) biases (not an identity at init).
@@ -31,8 +35,8 @@ class AdapterConfig(PeftConfig):
     scale: float | None = Field(None, description="s; default 0.1 parallel (AdaptFormer), 1 sequential")
     activation: Literal["relu", "gelu", "quick_gelu"] | None = Field(None, description="default relu parallel, quick_gelu sequential")
     init: Literal["zero", "xavier"] | None = Field(None, description="zero = up-projection 0 (default parallel); xavier = NOAH (default sequential)")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    bias: bool = Field(True, description="biases on both projections (the 1-bit Bi-AdaptFormer has none)")
+    dropout: float | None = Field(None, ge=0, lt=1, description="after the activation; default 0.1 parallel (AdaptFormer), 0 sequential")
+    bias: bool | None = Field(None, description="biases on both projections; default true, false at bits: 1 (Bi-AdaptFormer has none)")
 
 
 class QuickGELU(nn.Module):
@@ -53,10 +57,11 @@ class Adapter(PeftMethod):
         self.scale = cfg.scale if cfg.scale is not None else (0.1 if parallel else 1.0)
         self.init = cfg.init or ("zero" if parallel else "xavier")
         self.act = ACTIVATIONS[cfg.activation or ("relu" if parallel else "quick_gelu")]()
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout if cfg.dropout is not None else (0.1 if parallel else 0.0))
+        bias = cfg.bias if cfg.bias is not None else cfg.bits == 32
         d = vit_dim(model)
-        self.down = nn.ModuleList(nn.Linear(d, cfg.bottleneck, bias=cfg.bias) for _ in vit_blocks(model))
-        self.up = nn.ModuleList(nn.Linear(cfg.bottleneck, d, bias=cfg.bias) for _ in vit_blocks(model))
+        self.down = nn.ModuleList(nn.Linear(d, cfg.bottleneck, bias=bias) for _ in vit_blocks(model))
+        self.up = nn.ModuleList(nn.Linear(cfg.bottleneck, d, bias=bias) for _ in vit_blocks(model))
         for down, up in zip(self.down, self.up):
             self._init(down, up)
 
@@ -64,8 +69,8 @@ class Adapter(PeftMethod):
     def _init(self, down: nn.Linear, up: nn.Linear) -> None:
         if self.init == "zero":
             nn.init.kaiming_uniform_(down.weight, a=5**0.5)
-            if self.cfg.bits == 1:  # a zero matrix has no spread to standardise (the paper's choice)
-                nn.init.trunc_normal_(up.weight, std=1e-3)
+            if self.cfg.bits == 1:  # a zero matrix has no spread to standardise: N(0, 1e-3²) cut at ±2σ (the paper's code)
+                nn.init.trunc_normal_(up.weight, std=1e-3, a=-2e-3, b=2e-3)
             else:
                 nn.init.zeros_(up.weight)
             for b in (down.bias, up.bias):

@@ -17,8 +17,8 @@ Every method declares:
   :class:`~cl.errors.ConfigError`.
 
 With ``bits: 1`` (methods that support it) every weight matrix is fake-quantised to one bit in the
-forward pass (straight-through estimator on a latent float weight) and stored packed, as in
-Jie et al., ICCV 2023 (:mod:`cl.peft.quant`).
+forward pass (straight-through estimator on a latent float weight, ``ste``) and stored packed, as
+in Jie et al., ICCV 2023 (:mod:`cl.peft.quant`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class PeftConfig(NamedConfig):
     """Base of every method's config; each method file subclasses it."""
 
     bits: Literal[32, 1] = Field(32, description="1 = weight matrices trained with 1-bit fake quantisation and stored packed")
+    ste: Literal["official", "detached"] = Field(
+        "official", description="1-bit gradient: official = through the standardisation (μ, σ) as in PETL-ViT; detached = plain straight-through"
+    )
 
 
 class PeftMethod(nn.Module):
@@ -105,7 +108,7 @@ class PeftMethod(nn.Module):
     def w(self, weight: Tensor) -> Tensor:
         """A weight matrix as the forward pass uses it (1-bit fake-quantised when ``bits: 1``)."""
         if self.cfg.bits == 1 and weight.dim() >= 2 and not self.quantised_weights_loaded:
-            return fake_quant_1bit(weight)
+            return fake_quant_1bit(weight, self.cfg.ste)
         return weight
 
     def num_parameters(self) -> int:
