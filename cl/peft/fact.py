@@ -7,10 +7,12 @@ fc2 as 4 column slices; in general 4 + 2·hidden/d). The increment of every slic
 * TT: one r×r core Σ_i per slice (1536r + 144r² parameters on ViT-B/16);
 * TK: Σ_i = Σ_k P[k, i]·C[:, :, k] from a shared r×r×r core C and P (r × slices) (1536r + r³ + 144r).
 
-V starts at zero (update zero at init); dropout 0.1 between core and V. The update is applied as
+V starts at zero (update zero at init); TT cores U(±1/√r), fc2's U(±1/√(4r)) (one
+``Linear(4r, r)`` in the official code); dropout 0.1 between core and V. The update is applied as
 an output hook on each Linear, and merges exactly into the weights at eval. Default rank 12 for TT
 gives 39,168 parameters, the "0.04M" of the paper's table (its per-task configs use 4, 8 or 16 and
-average 39.7K); TK defaults to 32 (86,528; its configs use 16 or 32).
+average 39.7K); TK defaults to 28 (68,992, the "0.07M": its per-task configs use 16 or 32 and
+average 69.0K).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from cl.registry import PEFT
 class FacTConfig(PeftConfig):
     name: Literal["fact"] = "fact"
     format: Literal["tt", "tk"] = "tt"
-    rank: int | None = Field(None, ge=1, description="r; default 12 (tt) / 32 (tk)")
+    rank: int | None = Field(None, ge=1, description="r; default 12 (tt) / 28 (tk): the single ranks with the papers' 0.04M / 0.07M")
     scale: float = Field(1.0, description="s (tuned per task in 0.01..100 officially)")
     dropout: float = Field(0.1, ge=0, lt=1)
 
@@ -41,7 +43,7 @@ class FacT(PeftMethod):
     def __init__(self, cfg: FacTConfig, model: nn.Module) -> None:
         super().__init__(cfg, model)
         d = vit_dim(model)
-        r = cfg.rank or (12 if cfg.format == "tt" else 32)
+        r = cfg.rank or (12 if cfg.format == "tt" else 28)
         blocks = vit_blocks(model)
         hidden = blocks[0].mlp.fc1.out_features
         if hidden % d:
@@ -52,9 +54,11 @@ class FacT(PeftMethod):
         self.U = nn.Parameter(torch.empty(r, d))
         self.V = nn.Parameter(torch.zeros(d, r))
         nn.init.kaiming_uniform_(self.U, a=5**0.5)
-        if cfg.format == "tt":
-            bound = 1 / r**0.5
-            self.cores = nn.Parameter(torch.empty(n_slices, r, r).uniform_(-bound, bound))
+        if cfg.format == "tt":  # nn.Linear's default init of the official cores: U(±1/√fan_in)
+            self.cores = nn.Parameter(torch.empty(n_slices, r, r).uniform_(-(r**-0.5), r**-0.5))
+            for i in range(len(blocks)):  # fc2's core is one Linear(k·r → r) officially: fan_in k·r
+                start = i * self.per_block + 4 + self.k
+                self.cores.data[start : start + self.k].uniform_(-((self.k * r) ** -0.5), (self.k * r) ** -0.5)
         else:
             self.C = nn.Parameter(torch.empty(r, r, r))
             self.P = nn.Parameter(torch.empty(r, n_slices))
