@@ -1,7 +1,8 @@
 """PEFT methods: parameter counts on ViT-B/16 against the papers, and speed on a ViT.
 
-1. Trainable parameters of every method on ``vit_base_patch16_224`` (random init) next to the
-   number the papers report (the spec's table), with the relative difference.
+1. Trainable parameters on ``vit_base_patch16_224`` (random init) of the configuration that
+   reproduces each figure the papers print (:mod:`cl.peft.reported`: source, what else the paper
+   counted, the gap and why), and the stored bytes of the 1-bit adapter at the paper's d=32.
 2. On a ViT (default the PEFT suite's small one; ``--vit base`` for ViT-B/16 at 224), per method:
    training samples/s (forward + backward + AdamW step, backbone frozen), inference latency per
    batch with the module attached by hooks, merged into the weights (mergeable methods), and the
@@ -26,21 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from cl.peft import build_peft  # noqa: E402
+from cl.peft import bank, build_peft  # noqa: E402
+from cl.peft.reported import BI_ADAPTFORMER_BYTES, REPORTED  # noqa: E402
 from cl.registry import PEFT  # noqa: E402
-
-PAPERS = [  # (label, method, options, the papers' count)
-    ("Adapter (m=8)", "adapter", {"bottleneck": 8}, 0.16e6),
-    ("LoRA (r=8, qkv)", "lora", {"rank": 8}, 0.29e6),
-    ("LoRA (r=8, q and v)", "lora", {"rank": 8, "targets": "qv"}, 0.29e6),
-    ("VPT-deep (p=50)", "vpt", {"tokens": 50}, 0.46e6),
-    ("SSF", "ssf", {}, 0.21e6),
-    ("BitFit", "bitfit", {}, 0.10e6),
-    ("Convpass (m=8)", "convpass", {"dim": 8}, 0.33e6),
-    ("FacT-TT (r=12)", "fact", {}, 0.04e6),
-    ("Consolidator (g=384)", "consolidator", {}, 0.30e6),
-    ("KAdaptation", "kadaptation", {}, 0.05e6),
-]
 
 SPEED = [  # (label, method, options) on the speed model
     ("adapter", "adapter", {}), ("adapter_1bit", "adapter", {"bits": 1}), ("lora", "lora", {}), ("vpt_deep", "vpt", {"tokens": 5}),
@@ -71,9 +60,13 @@ def main() -> None:
     torch.manual_seed(0)
     base = timm.create_model("vit_base_patch16_224", num_classes=0)
     counts = []
-    for label, name, options, paper in PAPERS:
-        n = make(name, options, base).num_parameters()
-        counts.append({"method": label, "ours": n, "paper": paper, "diff_pct": round(100 * (n - paper) / paper, 1)})
+    for row in REPORTED:
+        n = make(row.method, row.options, base).num_parameters()
+        counts.append({"method": row.label, "ours": n, "counted_as_paper": round(n + row.extra), "paper": row.reported, "source": row.source,
+                       "diff_pct": round(100 * (n + row.extra - row.reported) / row.reported, 1), "reproduces": row.reproduces, "note": row.note})
+    one_bit = {bias: bank.packed_nbytes(bank.pack(make("adapter", {"bits": 1, "bottleneck": 32, "bias": bias}, base))) for bias in (False, True)}
+    storage = {"bi_adaptformer_d32_bytes": one_bit[False], "with_float_biases_bytes": one_bit[True],
+               "paper_weight_bytes": BI_ADAPTFORMER_BYTES, "bias_overhead_pct": round(100 * (one_bit[True] / one_bit[False] - 1), 1)}
     del base
 
     if args.vit == "base":
@@ -113,11 +106,13 @@ def main() -> None:
         method.detach()
         speed.append(row)
 
-    out = {"vit": args.vit, "batch": args.batch, "threads": torch.get_num_threads(), "counts_vit_b16": counts, "speed": speed}
+    out = {"vit": args.vit, "batch": args.batch, "threads": torch.get_num_threads(), "counts_vit_b16": counts, "one_bit_storage_vit_b16": storage, "speed": speed}
     print(json.dumps(out, indent=2))
-    print("\n| method | ours (ViT-B/16) | papers | diff |\n|---|---:|---:|---:|")
+    print("\n| configuration | ours (ViT-B/16) | as the paper counts | printed | source | diff | note |\n|---|---:|---:|---:|---|---:|---|")
     for c in counts:
-        print(f"| {c['method']} | {c['ours']:,} | {c['paper'] / 1e6:.2f}M | {c['diff_pct']:+.1f}% |")
+        print(f"| {c['method']} | {c['ours']:,} | {c['counted_as_paper']:,} | {c['paper'] / 1e6:.2f}M | {c['source']} | {c['diff_pct']:+.1f}% | {c['note']} |")
+    print(f"\n1-bit adapter, d=32, ViT-B/16: {storage['bi_adaptformer_d32_bytes']:,} B stored ({storage['paper_weight_bytes']:,} B of bits + μ, σ); "
+          f"with float biases {storage['with_float_biases_bytes']:,} B (+{storage['bias_overhead_pct']}%)")
     print("\n| method | params | train samples/s | infer ms hooked | merged | plain backbone |\n|---|---:|---:|---:|---:|---:|")
     for r in speed:
         merged = "–" if r["infer_ms_merged"] is None else f"{r['infer_ms_merged']:.2f}"
