@@ -196,8 +196,14 @@ class PeftPerTask(Strategy):
         return params
 
     def storage_bytes(self) -> int:
+        """Heads + packed modules + what task inference keeps: the class prototypes (float32, as
+        SimpleCIL counts them) or each task's (mean, std) calibration (float32)."""
         heads = sum(p.numel() * 4 for p in self.heads.parameters())
-        return heads + sum(bank.packed_nbytes(p) for p in self.packed.values())
+        if self.cfg.task_inference == "prototype":
+            inference = int((self.prototypes.counts > 0).sum()) * self.ctx.feature_dim * 4
+        else:
+            inference = len(self.calibration) * 2 * 4
+        return heads + sum(bank.packed_nbytes(p) for p in self.packed.values()) + inference
 
     def train_mode(self, mode: bool) -> None:
         self.model.eval()  # the backbone is frozen; module dropout follows observe/eval

@@ -200,3 +200,15 @@ def test_evaluation_takes_task_inference_and_scores_from_one_inference(tmp: Path
     row = evaluate(s, exps, trained=2, batch_size=64, future=False)
     assert row.task_inference[:2] == pytest.approx(expected) and row.task_inference[2] is None
     assert sum(calls) == sum(len(e.test) for e in exps[:2])  # each test sample inferred once
+
+
+@pytest.mark.parametrize("inference", ["prototype", "max_score"])
+def test_storage_counts_what_task_inference_keeps(tmp: Path, shared_cache: Path, inference: str):
+    prep = prepare(cfg(tmp, shared_cache, peft={"name": "lora", "rank": 2}, task_inference=inference))
+    s, exps = prep.strategy, prep.bench.experiences
+    for exp in exps[:2]:
+        train_task(s, exp)
+    heads = sum(p.numel() * 4 for p in s.heads.parameters())
+    modules = sum(bank.packed_nbytes(p) for p in s.packed.values())
+    kept = 4 * s.ctx.feature_dim * 4 if inference == "prototype" else 2 * 2 * 4  # 4 class means / 2 (mean, std)
+    assert s.storage_bytes() == heads + modules + kept
