@@ -518,6 +518,8 @@ def _specialise(model: type[BaseModel], raw: Any, loc: tuple[str, ...] = ()) -> 
         poly = next((m for m in field.metadata if isinstance(m, Polymorphic)), None)
         target = _model_type(field.annotation)
         if poly is not None:
+            if sub is None and _unwrap(field.annotation)[1]:
+                continue  # an optional polymorphic section switched off
             if not isinstance(sub, dict) or not isinstance(sub.get("name"), str):
                 raise ConfigError(f"'{key}' must be a mapping with a 'name' key")
             try:

@@ -104,6 +104,11 @@ class Strategy:
         self.seen_classes = 0  # classes 0..seen_classes-1 have appeared
         self.task_ranges: dict[int, tuple[int, int]] = {}
 
+    @classmethod
+    def wants_features(cls, cfg: StrategyConfig) -> bool:
+        """True if the loop may hand this configuration cached backbone features (``input_kind``)."""
+        return cls.input_kind == "features"
+
     # ---- contract ---------------------------------------------------------------------------
 
     def before_experience(self, exp: Experience) -> None:

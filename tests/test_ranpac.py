@@ -1,4 +1,4 @@
-"""RanPAC: the ridge solution, λ selection, and equivalence of incremental and joint accumulation."""
+"""RanPAC: the ridge solution, λ selection, incremental = joint accumulation, and Phase 1 (first-session PEFT)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,16 @@ from pathlib import Path
 
 import torch
 
-from cl.config import parse_run_config
-from cl.engine.loop import prepare
-from strategies.ranpac import ridge_solve, select_ridge
+import json
+
+import pytest
+import yaml
+
+from cl.config import ConfigError, parse_run_config
+from cl.engine.loop import prepare, run
+from strategies.ranpac import RanPACConfig, ridge_solve, select_ridge
 from tests.conftest import tiny_config
+from tests.test_peft_per_task import VIT
 
 
 def test_ridge_solve_by_hand():
@@ -29,7 +35,7 @@ def test_select_ridge_prefers_little_regularisation_for_clean_linear_data():
 
 
 def test_accumulated_statistics_equal_one_batch_and_give_the_ridge_classifier(tmp: Path, shared_cache: Path):
-    cfg = parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "ranpac", "projection_dim": 32}))
+    cfg = parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "ranpac", "projection_dim": 32, "first_session": None}))
     prep = prepare(cfg)
     s, exps = prep.strategy, prep.bench.experiences
     for exp in exps:
@@ -46,3 +52,79 @@ def test_accumulated_statistics_equal_one_batch_and_give_the_ridge_classifier(tm
     x = exps[0].test.x[:5]
     expected = (torch.relu(x.float() @ s.W_rand).double() @ torch.linalg.solve(h.T @ h + s.ridge * torch.eye(32, dtype=torch.float64), h.T @ y1)).float()
     torch.testing.assert_close(s.predict(x, None), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_defaults_follow_the_paper():
+    cfg = RanPACConfig()
+    assert cfg.ridge_grid == [10.0**k for k in range(-8, 9)]  # the official grid, 1e-8 ... 1e8
+    assert cfg.first_session is not None and cfg.first_session.name == "adapter"  # Phase 1 on by default
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule) == ("sgd", 0.01, 0.9, 5e-4, "cosine")
+
+
+def phase1_config(tmp: Path, cache: Path, **strategy):
+    return parse_run_config(tiny_config(
+        tmp, cache_dir=str(cache), backbone=VIT, train={"epochs": 2, "batch_size": 16},
+        strategy={"name": "ranpac", "projection_dim": 48, "first_session": {"name": "adapter", "bottleneck": 4}, **strategy}))
+
+
+def test_phase1_trains_only_the_first_sessions_module_then_accumulates_adapted_features(tmp: Path, shared_cache: Path):
+    prep = prepare(phase1_config(tmp, shared_cache))
+    s, exps = prep.strategy, prep.bench.experiences
+    assert not s.ctx.cached_features  # Phase 1 needs images
+    backbone = {k: v.clone() for k, v in s.ctx.backbone.model.state_dict().items()}
+    init = {k: v.clone() for k, v in s.module.state_dict().items()}
+    lrs = []
+    s.before_experience(exps[0])
+    for epoch in range(2):
+        s.before_epoch(epoch)
+        lrs.append(s.optimizer.param_groups[0]["lr"])
+        for x, y in exps[0].train.batches(16, torch.Generator().manual_seed(epoch)):
+            assert "loss" in s.observe(x, y, 0)
+    assert lrs == pytest.approx([0.01, 0.005])  # cosine over 2 epochs
+    assert torch.count_nonzero(s.G) == 0  # nothing accumulated while adapting
+    s.after_experience(exps[0])
+    trained = {k: v.clone() for k, v in s.module.state_dict().items()}
+    assert any(not torch.equal(v, trained[k]) for k, v in init.items())  # Phase 1 moved the module
+    assert all(not p.requires_grad for p in s.module.parameters())
+    # the first task's statistics are those of the adapted features
+    x0, y0 = exps[0].train.x, exps[0].train.y
+    s.module.attach(s.ctx.backbone.model)
+    with torch.no_grad():
+        h = torch.relu(s.ctx.backbone.model(s.ctx.backbone.transform(x0, s.device)) @ s.W_rand).double()
+    s.module.detach()
+    torch.testing.assert_close(s.G, h.T @ h, rtol=1e-5, atol=1e-4)
+    for exp in exps[1:]:
+        s.before_experience(exp)
+        assert s.max_epochs == 1 and not s.adapting
+        for x, y in exp.train.batches(16, torch.Generator().manual_seed(0)):
+            assert s.observe(x, y, exp.task_id) == {}
+        s.after_experience(exp)
+    assert all(torch.equal(v, s.module.state_dict()[k]) for k, v in trained.items())  # bit-identical after later tasks
+    assert all(torch.equal(v, s.ctx.backbone.model.state_dict()[k]) for k, v in backbone.items())  # the backbone never moves
+    assert s.ridge in s.cfg.ridge_grid
+
+
+def test_phase1_end_to_end_and_resume_state(tmp: Path, shared_cache: Path):
+    cfg = phase1_config(tmp, shared_cache)
+    m = run(cfg)
+    assert m is not None and m["trainable_params"] == 2 * (2 * 32 * 4 + 4 + 32)
+    run_dir = tmp / "runs" / "tiny" / "ranpac" / "seed0"
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["strategy"]["first_session"]["name"] == "adapter"  # the resolved config names the Phase 1 module
+    assert json.loads((run_dir / "metrics.json").read_text())["final_avg_acc"] is not None
+    a = prepare(cfg).strategy
+    b = prepare(cfg).strategy
+    exps = prepare(cfg).bench.experiences
+    a.before_experience(exps[0])
+    for x, y in exps[0].train.batches(16, torch.Generator().manual_seed(0)):
+        a.observe(x, y, 0)
+    a.after_experience(exps[0])
+    b.load_state_dict(a.state_dict())
+    x = exps[0].test.x[:8]
+    assert torch.equal(b.predict(x, None), a.predict(x, None))
+
+
+def test_phase1_refuses_a_backbone_it_cannot_adapt(tmp: Path, shared_cache: Path):
+    cfg = parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "ranpac", "projection_dim": 8}))
+    with pytest.raises(ConfigError, match="'adapter' applies to vit backbones"):
+        prepare(cfg)

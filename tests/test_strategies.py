@@ -21,7 +21,7 @@ SETTINGS: dict[str, dict] = {
     "er": {"name": "er", "lr": 0.05, "memory_size": 12},
     "joint": {"name": "joint", "lr": 0.05},
     "simplecil": {"name": "simplecil"},
-    "ranpac": {"name": "ranpac", "projection_dim": 64},
+    "ranpac": {"name": "ranpac", "projection_dim": 64, "first_session": None},
     "er_task_aware": {"name": "er_task_aware", "lr": 0.05, "memory_size": 12},
     "generative_classifier": {"name": "generative_classifier", "lr": 0.05, "memory_size": 24},
     "avalanche": {"name": "avalanche", "method": "replay", "lr": 0.05, "memory_size": 12},

@@ -118,7 +118,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     """Build everything a run needs; raises UserError subclasses on bad input."""
     start = time.perf_counter()
     strategy_cls = STRATEGIES.get(cfg.strategy.name)
-    inputs = prepare_inputs(cfg, want_features=strategy_cls.input_kind == "features")
+    inputs = prepare_inputs(cfg, want_features=strategy_cls.wants_features(cfg.strategy))
     prep = _with_strategy(cfg, inputs, inputs.bench)
     if cfg.shift.enabled:
         _check_probe_layers(cfg, inputs)

@@ -209,7 +209,7 @@ def warm_caches(planned: list[PlannedRun]) -> None:
         if cfg.backbone.weights.source != "pretrain" and not cfg.backbone.cache_features:
             continue
         key = config_hash({"benchmark": cfg.benchmark, "backbone": cfg.backbone, "seed": cfg.seed, "cache": str(cfg.resolved_cache_dir())})
-        wants = STRATEGIES.get(cfg.strategy.name).input_kind == "features"
+        wants = STRATEGIES.get(cfg.strategy.name).wants_features(cfg.strategy)
         old = groups.get(key)
         groups[key] = (cfg, wants or (old is not None and old[1]))
     for cfg, wants in groups.values():

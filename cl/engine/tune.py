@@ -219,7 +219,7 @@ class _Inputs:
         from cl.engine.loop import prepare_inputs
         from cl.registry import STRATEGIES
 
-        wants = STRATEGIES.get(cfg.strategy.name).input_kind == "features"
+        wants = STRATEGIES.get(cfg.strategy.name).wants_features(cfg.strategy)
         key = config_hash({"benchmark": cfg.benchmark, "backbone": cfg.backbone, "seed": cfg.seed, "device": cfg.device,
                            "threads": cfg.num_threads, "features": wants})
         if key not in self._cache:
