@@ -600,8 +600,36 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], prefix
     return f"{where}: {msg}{given}{more}"
 
 
+def _named_default(field: Any) -> NamedConfig | None:
+    """A polymorphic field's default section, if it has one (an instance, or a factory's)."""
+    default = field.default_factory() if field.default_factory is not None else field.default
+    return default if isinstance(default, NamedConfig) else None
+
+
+def _fill_defaults(model: type[BaseModel], raw: Any) -> Any:
+    """``raw`` with each polymorphic section left at a default written out in full, and a section
+    given without ``name`` completed from its default (``--set strategy.first_session.bottleneck=64``).
+    So the resolved config records every value of a default section (its class, not the base's,
+    serialises it), and an implicit default and the same section written out are one config."""
+    if not isinstance(raw, dict):
+        return raw
+    out = dict(raw)
+    for fname, field in model.model_fields.items():
+        poly = next((m for m in field.metadata if isinstance(m, Polymorphic)), None)
+        default = _named_default(field) if poly is not None else None
+        if default is not None and fname not in out:
+            out[fname] = default.model_dump()
+        elif default is not None and isinstance(out[fname], dict) and "name" not in out[fname]:
+            out[fname] = deep_merge(default.model_dump(), out[fname])
+        models = _section_models(field, out[fname]) if isinstance(out.get(fname), dict) else []
+        if len(models) == 1:
+            out[fname] = _fill_defaults(models[0], out[fname])
+    return out
+
+
 def parse_run_config(data: dict[str, Any]) -> RunConfig:
     """Validate a raw (already merged) dict into a RunConfig, or raise ConfigError."""
+    data = _fill_defaults(RunConfig, data)
     model = _specialise(RunConfig, data)
     try:
         cfg = model.model_validate(data)

@@ -4,10 +4,11 @@ McDonnell, Gong, Parvaneh, Abbasnejad, van den Hengel. "RanPAC: Random Projectio
 Pre-trained Models for Continual Learning", NeurIPS 2023 (RanPAC/RanPAC, read for the method).
 
 * **Phase 1** (``first_session``, the paper's main configuration for ViTs): on the first task only,
-  a parameter-efficient module (any :mod:`cl.peft` method; the paper uses AdaptFormer with d=64,
-  SSF or VPT) is trained with a temporary cosine-similarity head with a learnable scale (the
+  a parameter-efficient module (any :mod:`cl.peft` method; default the official AdaptFormer with
+  d=64, the paper also uses SSF or VPT) is trained with a temporary cosine-similarity head with a learnable scale (the
   official ``CosineLinear``), SGD with a cosine learning-rate schedule over ``train.epochs``; then
-  the module is frozen for good. ``first_session: null`` skips it (the paper's choice for ResNets
+  the module is frozen for good and stored (packed to 1 bit with ``bits: 1``; what is used
+  afterwards is what is stored). Offline only. ``first_session: null`` skips it (the paper's choice for ResNets
   and CLIP, and its "no PETL" ablation); the strategy then runs on cached features.
 * **Phase 2**: features ``f`` of the (adapted) backbone go through a fixed random projection and a
   ReLU, ``h = ReLU(f W)`` with ``W ~ N(0, 1)`` of size d × M. Only the Gram matrix ``G = Σ h hᵀ``
@@ -33,7 +34,8 @@ from torch import Tensor, nn
 
 from cl.config import Polymorphic, RunConfig
 from cl.data.benchmark import Experience
-from cl.peft import PeftConfig, PeftMethod, build_peft
+from cl.errors import ConfigError
+from cl.peft import PeftConfig, PeftMethod, backbone_family, bank, build_peft
 from cl.peft.adapter import AdapterConfig
 from cl.registry import PEFT, STRATEGIES
 from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
@@ -47,13 +49,16 @@ class RanPACConfig(OptimConfig):
     )
     val_fraction: float = Field(0.2, gt=0, lt=1)
     first_session: Annotated[PeftConfig | None, Polymorphic(PEFT)] = Field(
-        default_factory=AdapterConfig, description="Phase 1 module trained on the first task (null = Phase 2 only, on cached features)"
+        default_factory=lambda: AdapterConfig(bottleneck=64),
+        description="Phase 1 module trained on the first task (default the official AdaptFormer, d=64; null = Phase 2 only, on cached features)",
     )
     # Phase 1 optimiser: the official SGD, momentum 0.9, lr 0.01, weight decay 5e-4, cosine to 0
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["cosine", "constant"] = Field("cosine", description="Phase 1 learning rate over train.epochs")
 
     def check(self, cfg: RunConfig) -> None:
+        if self.first_session is not None and cfg.benchmark.scenario == "online":
+            raise ValueError("strategy.first_session: RanPAC's Phase 1 trains for epochs on the whole first task, which an online stream does not allow; set it to null")
         if self.first_session is not None and cfg.backbone.freeze != "frozen":
             raise ValueError(f"backbone.freeze: ranpac's Phase 1 adapts through a PEFT module on a frozen backbone; use 'frozen' (got '{cfg.backbone.freeze}')")
 
@@ -112,9 +117,16 @@ class RanPAC(Strategy):
         self._Wo: Tensor | None = None
         self.module: PeftMethod | None = None
         if cfg.first_session is not None:
+            family, name = backbone_family(ctx.backbone.model), cfg.first_session.name
+            if family not in PEFT.get(name).backbones:
+                raise ConfigError(
+                    f"strategy.first_session.name: '{name}' applies to {' / '.join(PEFT.get(name).backbones)} backbones, not {family};"
+                    " choose a method for this backbone, or first_session: null (Phase 2 alone, the paper's choice for ResNets)"
+                )
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(ctx.seed)
                 self.module = build_peft(cfg.first_session, ctx.backbone.model).to(self.device)
+        self.packed: dict[str, Tensor] = {}  # the Phase 1 module as stored (1-bit packed if asked)
         self.head: CosineHead | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.adapting = False
@@ -185,9 +197,11 @@ class RanPAC(Strategy):
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
-        if self.adapting:  # Phase 1 done: freeze the module, then read the first task once
+        if self.adapting:  # Phase 1 done: freeze and store the module, then read the first task once
             assert self.module is not None
             self.module.eval().requires_grad_(False)
+            self.packed = bank.pack(self.module)
+            bank.unpack(self.module, self.packed)  # go on with exactly what is stored (1-bit included)
             self.head, self.optimizer, self.adapting = None, None, False
             for xb, yb in exp.train.batches(self.ctx.train.eval_batch_size):
                 self._accumulate(xb, yb)
@@ -218,20 +232,30 @@ class RanPAC(Strategy):
     def train_mode(self, mode: bool) -> None:
         super().train_mode(False)  # the backbone stays frozen in eval mode; only the module trains
 
+    @torch.no_grad()
+    def probe(self, x: Tensor, images: Tensor, task_id: int, layers: list[int] | None = None, bn: bool = True) -> dict[str, Tensor]:
+        """As the base, with the classifier's input taken from the adapted backbone (Phase 1 module attached)."""
+        out = super().probe(x, images, task_id, layers, bn)
+        if self.module is not None:
+            self.module.eval()
+            out["feat/embedding"] = self.embed(x).float()
+        return out
+
     def storage_bytes(self) -> int:
-        """The Gram matrix, C, the projection and the Phase 1 module (what is kept to go on learning)."""
-        module = sum(p.numel() * 4 for p in self.trainable_parameters())
+        """The Gram matrix, C, the projection and the Phase 1 module as stored (what is kept to go on learning)."""
+        module = bank.packed_nbytes(self.packed)
         return module + sum(t.numel() * t.element_size() for t in (self.G, self.C, self.W_rand))
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.module is not None:
-            state["module"] = self.module.state_dict()
+            state["module"] = self.packed
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if self.module is not None:
-            self.module.load_state_dict(state["module"])
+        if self.module is not None and state.get("module"):
+            self.packed = dict(state["module"])
+            bank.unpack(self.module, self.packed)
             self.module.eval().requires_grad_(False)
         self._Wo = None

@@ -42,6 +42,8 @@ VIT_CASES = {
     "adapter_1bit": {"name": "adapter", "bits": 1, "bottleneck": 4},
     "adapter_1bit_bias": {"name": "adapter", "bits": 1, "bottleneck": 4, "bias": True, "ste": "detached"},
     "consolidator_branches": {"name": "consolidator", "groups": [32, 16], "channel_shuffle": True},
+    "convpass_1bit": {"name": "convpass", "dim": 4, "bits": 1},
+    "lora_1bit": {"name": "lora", "rank": 4, "bits": 1},
 }
 RESNET_CASES = {
     "conv_adapter": {"reduction": 2},
@@ -298,17 +300,31 @@ def test_one_bit_quantiser_by_hand():
 
 
 def test_one_bit_levels_minimise_absolute_not_squared_error():
-    """±0.6745 (half-normal medians) minimise E|z - q| for z ~ N(0, 1); E(z - q)² is minimised at ±√(2/π)."""
-    z = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    """The quantiser's levels (μ ± 0.6745σ) minimise E|w - q| for Gaussian w; E(w - q)² is lower at μ ± √(2/π)σ."""
+    w = 0.3 + 2.0 * torch.randn(1000, 1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    signs, mu, sigma = quantize_1bit(w)
+    q = dequantize_1bit(signs, mu, sigma).double()
+    torch.testing.assert_close(fake_quant_1bit(w), q)
+    l1, l2 = float((w - q).abs().mean()), float((w - q).square().mean())
+    for level in (LEVEL - 0.05, LEVEL + 0.05):  # other levels, same signs
+        other = mu + level * sigma * (signs.double() * 2 - 1)
+        assert float((w - other).abs().mean()) > l1
+    lloyd_max = mu + math.sqrt(2 / math.pi) * sigma * (signs.double() * 2 - 1)
+    assert float((w - lloyd_max).square().mean()) < l2
 
-    def errors(level: float) -> tuple[float, float]:
-        e = z - level * torch.where(z >= 0, 1.0, -1.0)
-        return float(e.abs().mean()), float(e.square().mean())
 
-    l1, l2 = errors(LEVEL)
-    for other in (LEVEL - 0.05, LEVEL + 0.05):
-        assert errors(other)[0] > l1
-    assert errors(math.sqrt(2 / math.pi))[1] < l2
+@pytest.mark.parametrize("case", ["adapter_1bit", "convpass_1bit", "lora_1bit"])
+def test_one_bit_matrices_get_distinct_gradients_at_the_first_step(case: str):
+    """A zero matrix has σ = 0: under the official estimator its gradient would be one value repeated
+    (only μ carries it). Every 1-bit method starts its 'zero' matrices from N(0, 1e-3²) instead."""
+    model, x = tiny_vit(), inputs(case)
+    method = make(case, model).attach(model)
+    method.train()
+    model(x).square().mean().backward()
+    method.detach()
+    for name, p in method.named_parameters():
+        if p.dim() >= 2:
+            assert p.std() > 0 and p.grad.unique().numel() > 1, name
 
 
 def test_one_bit_adapter_defaults_follow_bi_adaptformer():
@@ -341,35 +357,93 @@ def test_consolidator_without_shuffle_groups_contiguous_inputs():
     model = tiny_vit()
     method = make("consolidator", model)  # defaults: one branch, g = d/2, no shuffle
     assert method.groups == [D // 2] and not method.cfg.channel_shuffle
-    delta, _, nnz = method.consolidated("blocks_0_attn_proj")
+    delta, _ = method.consolidated("blocks_0_attn_proj")
     assert torch.equal(delta, torch.block_diag(*method.weight["blocks_0_attn_proj_g32"].detach()))
-    assert nnz == D * D // (D // 2)
+    assert method.stored_entries("blocks_0_attn_proj") == D * D // (D // 2)
 
 
-def test_consolidator_branches_consolidate_into_their_union():
-    model = tiny_vit()
-    method = make("consolidator_branches", model)
-    delta, bias, nnz = method.consolidated("blocks_0_attn_qkv")
-    sizes = [3 * D * D // g for g in (32, 16)]
-    assert nnz == int((delta != 0).sum()) and max(sizes) <= nnz <= sum(sizes)
-    torch.testing.assert_close(bias, method.bias["blocks_0_attn_qkv_g32"] + method.bias["blocks_0_attn_qkv_g16"])
+def official_consolidated(weights: dict[int, torch.Tensor], out: int, inp: int, shuffle: bool) -> tuple[torch.Tensor, int]:
+    """The dense matrix and stored-entry count as the official get_actual_params / actual_params build
+    them: block-diagonal blocks, then channel_shuffle_for_matrix(·, in/g) on the columns."""
+    dense, mask = torch.zeros(out, inp), torch.zeros(out, inp)
+    for g, w in weights.items():
+        tmp, tmp_mask = torch.zeros(out, inp), torch.zeros(out, inp)
+        o, i = out // g, inp // g
+        for gi in range(g):
+            tmp[gi * o : (gi + 1) * o, gi * i : (gi + 1) * i] += w[gi]
+            tmp_mask[gi * o : (gi + 1) * o, gi * i : (gi + 1) * i] += 1
+        if shuffle:  # channel_shuffle_for_matrix(matrix, groups=in/g)
+            tmp = tmp.view(out, inp // g, g).transpose(1, 2).reshape(out, inp)
+            tmp_mask = tmp_mask.view(out, inp // g, g).transpose(1, 2).reshape(out, inp)
+        dense += tmp
+        mask += tmp_mask
+    return dense, int((mask > 0).sum())
 
 
-def test_conv_adapter_basic_block_branch_joins_conv1_before_bn():
-    model, x = tiny_resnet(), inputs("conv_adapter")
-    method = make("conv_adapter", model)
+@pytest.mark.parametrize("case", ["consolidator", "consolidator_branches"])
+def test_consolidator_consolidation_equals_the_official_one(case: str):
+    method = make(case, tiny_vit())
+    perturb(method)
+    for key, out, inp in (("blocks_0_attn_qkv", 3 * D, D), ("blocks_1_mlp_fc2", D, HIDDEN)):
+        weights = {g: method.weight[f"{key}_g{g}"].detach() for g in method.groups}
+        dense, stored = official_consolidated(weights, out, inp, method.cfg.channel_shuffle)
+        delta, bias = method.consolidated(key)
+        torch.testing.assert_close(delta, dense, rtol=0, atol=1e-7)
+        assert method.stored_entries(key) == stored
+        torch.testing.assert_close(bias, sum(method.bias[f"{key}_g{g}"].detach() for g in method.groups))
+        if case == "consolidator_branches":  # the two shuffled branches overlap: fewer stored entries than trained
+            assert stored < sum(out * inp // g for g in method.groups)
+
+
+def conv_adapter_branch_by_hand(a: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    z = torch.relu(nn.functional.conv2d(h, a.down.weight, a.down.bias, a.down.stride, a.down.padding, groups=a.down.groups))
+    return a.alpha[:, None, None] * nn.functional.conv2d(z, a.up.weight, a.up.bias)
+
+
+@pytest.mark.parametrize("case", ["conv_adapter", "conv_adapter_after_act"])
+def test_conv_adapter_basic_block_placement(case: str):
+    """before_bn: bn1 sees conv1(x) + branch(x); after_act: the block's act1 output gains branch(x)."""
+    model, x = tiny_resnet(), inputs(case)
+    method = make(case, model)
     perturb(method)
     block = model.layer1[0]
-    seen = {}
+    seen: dict[str, torch.Tensor] = {}
+    handles = [block.conv1.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])),
+               block.bn1.register_forward_pre_hook(lambda m, a: seen.__setitem__("bn_in", a[0])),
+               block.conv2.register_forward_pre_hook(lambda m, a: seen.__setitem__("conv2_in", a[0]))]
     method.eval().attach(model)
-    pre = block.conv1.register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0]))
-    bn = block.bn1.register_forward_pre_hook(lambda m, a: seen.__setitem__("bn_in", a[0]))
     model(x)
-    pre.remove(), bn.remove()
     method.detach()
-    k = [i for i, (conv, _) in enumerate(adapted_convs(model)) if conv is block.conv1][0]
-    expected = nn.functional.conv2d(seen["in"], block.conv1.weight, None, block.conv1.stride, block.conv1.padding) + method._branch(k, seen["in"])
-    torch.testing.assert_close(seen["bn_in"], expected, rtol=1e-5, atol=1e-5)
+    for h in handles:
+        h.remove()
+    adapter = method.adapters[[i for i, (conv, _) in enumerate(adapted_convs(model)) if conv is block.conv1][0]]
+    branch = conv_adapter_branch_by_hand(adapter, seen["x"])
+    conv1 = nn.functional.conv2d(seen["x"], block.conv1.weight, None, block.conv1.stride, block.conv1.padding)
+    if case == "conv_adapter":
+        torch.testing.assert_close(seen["bn_in"], conv1 + branch, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(seen["bn_in"], conv1, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(seen["conv2_in"], block.act1(block.bn1(conv1)) + branch, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_adapter_bottleneck_branch_joins_after_act2():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet26", channels=(8, 16, 16, 16), stem_width=8, num_classes=0, zero_init_last=False).eval().requires_grad_(False)
+    cfg = PEFT.entry("conv_adapter").config.model_validate({"name": "conv_adapter", "reduction": 2})
+    method = build_peft(cfg, model)
+    perturb(method)
+    block = model.layer1[0]
+    seen: dict[str, torch.Tensor] = {}
+    handles = [block.conv2.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0])),
+               block.conv3.register_forward_pre_hook(lambda m, a: seen.__setitem__("conv3_in", a[0]))]
+    method.eval().attach(model)
+    model(inputs("conv_adapter"))
+    method.detach()
+    for h in handles:
+        h.remove()
+    adapter = method.adapters[[i for i, (conv, _) in enumerate(adapted_convs(model)) if conv is block.conv2][0]]
+    plain = block.act2(block.bn2(block.conv2(seen["h"])))
+    torch.testing.assert_close(seen["conv3_in"], plain + conv_adapter_branch_by_hand(adapter, seen["h"]), rtol=1e-5, atol=1e-5)
 
 
 def test_fact_tt_fc2_cores_start_with_the_official_bound():

@@ -58,6 +58,7 @@ def test_defaults_follow_the_paper():
     cfg = RanPACConfig()
     assert cfg.ridge_grid == [10.0**k for k in range(-8, 9)]  # the official grid, 1e-8 ... 1e8
     assert cfg.first_session is not None and cfg.first_session.name == "adapter"  # Phase 1 on by default
+    assert cfg.first_session.bottleneck == 64  # the official AdaptFormer width (ffn_num=64)
     assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule) == ("sgd", 0.01, 0.9, 5e-4, "cosine")
 
 
@@ -126,5 +127,37 @@ def test_phase1_end_to_end_and_resume_state(tmp: Path, shared_cache: Path):
 
 def test_phase1_refuses_a_backbone_it_cannot_adapt(tmp: Path, shared_cache: Path):
     cfg = parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "ranpac", "projection_dim": 8}))
-    with pytest.raises(ConfigError, match="'adapter' applies to vit backbones"):
+    with pytest.raises(ConfigError, match=r"strategy.first_session.name: 'adapter' applies to vit backbones, not resnet; .*first_session: null"):
         prepare(cfg)
+
+
+def test_phase1_refuses_an_online_stream(tmp: Path):
+    raw = tiny_config(tmp, backbone=VIT, benchmark={"scenario": "online"}, train={"epochs": 1}, strategy={"name": "ranpac", "projection_dim": 8})
+    with pytest.raises(ConfigError, match="strategy.first_session: RanPAC's Phase 1 .* online"):
+        parse_run_config(raw)
+    raw["strategy"]["first_session"] = None
+    parse_run_config(raw)  # Phase 2 alone is single-pass
+
+
+def test_default_module_is_written_out_and_can_be_tweaked_from_the_command_line(tmp: Path):
+    implicit = parse_run_config(tiny_config(tmp, backbone=VIT, strategy={"name": "ranpac"}))
+    explicit = parse_run_config(tiny_config(tmp, backbone=VIT, strategy={"name": "ranpac", "first_session": {"name": "adapter", "bottleneck": 64}}))
+    dumped = implicit.model_dump()["strategy"]["first_session"]
+    assert dumped["bottleneck"] == 64 and dumped["placement"] == "parallel"  # the resolved config records every value
+    assert implicit.model_dump() == explicit.model_dump()  # one config, however it was written
+    tweaked = parse_run_config(tiny_config(tmp, backbone=VIT, strategy={"name": "ranpac", "first_session": {"bottleneck": 16}}))
+    assert tweaked.strategy.first_session.name == "adapter" and tweaked.strategy.first_session.bottleneck == 16
+
+
+def test_one_bit_phase1_is_stored_packed_and_used_as_stored(tmp: Path, shared_cache: Path):
+    prep = prepare(phase1_config(tmp, shared_cache, first_session={"name": "adapter", "bottleneck": 4, "bits": 1}))
+    s, exp = prep.strategy, prep.bench.experiences[0]
+    s.before_experience(exp)
+    for x, y in exp.train.batches(16, torch.Generator().manual_seed(0)):
+        s.observe(x, y, 0)
+    s.after_experience(exp)
+    module_bytes = s.storage_bytes() - sum(t.numel() * t.element_size() for t in (s.G, s.C, s.W_rand))
+    assert module_bytes == sum(-(-p.numel() // 8) + 8 for p in s.module.parameters())  # packed bits + (μ, σ), no float bias
+    assert s.module.quantised_weights_loaded  # the forward uses the stored levels
+    for p in s.module.parameters():
+        assert p.unique().numel() <= 2  # each matrix holds exactly its two levels μ ± 0.6745σ

@@ -13,8 +13,10 @@ c·in/g … (c+1)·in/g − 1; ``true`` applies the official ``ChannelShuffle1d(
 inputs as g × in/g, transpose, flatten: position a·g + b takes input b·in/g + a).
 
 Mergeable in the paper's two consolidations: the branches sum into one sparse matrix (the union of
-their permuted block-diagonal masks; :meth:`Consolidator.consolidated` gives it and its non-zero
-count), and that matrix and the summed biases add to W and b.
+their permuted block-diagonal masks; :meth:`Consolidator.consolidated` gives it,
+:meth:`Consolidator.stored_entries` its size), and that matrix and the summed biases add to W and b.
+The per-task bank stores the branches as trained (``groups`` dense blocks each), not the sparse
+consolidated matrix: with several shuffled branches that is more than the paper stores.
 """
 
 from __future__ import annotations
@@ -115,24 +117,29 @@ class Consolidator(PeftMethod):
         delta[:, shuffle_perm(block.shape[1], g).to(block.device)] = block
         return delta
 
-    def consolidated(self, key: str) -> tuple[Tensor, Tensor, int]:
-        """Consolidation 1: the branches summed into one matrix, their summed bias, and how many
-        entries that matrix can have non-zero (the union of the branches' masks: what is stored)."""
+    def consolidated(self, key: str) -> tuple[Tensor, Tensor]:
+        """Consolidation 1: the branches summed into one matrix, and their summed bias."""
         delta = sum(self.delta_weight(key, g) for g in self.groups)
         bias = sum(self.bias[f"{key}_g{g}"].detach() for g in self.groups)
-        out, inp = delta.shape  # type: ignore[union-attr]
+        return delta, bias  # type: ignore[return-value]
+
+    def stored_entries(self, key: str) -> int:
+        """Entries the consolidated matrix can have non-zero: the union of the branches' (permuted)
+        block-diagonal masks, what the paper stores after consolidation 1."""
+        w = self.weight[f"{key}_g{self.groups[0]}"]
+        out, inp = w.shape[0] * w.shape[1], w.shape[0] * w.shape[2]
         union = torch.zeros(out, inp, dtype=torch.bool)
         for g in self.groups:
             mask = torch.block_diag(*torch.ones(g, out // g, inp // g, dtype=torch.bool))
             union[:, shuffle_perm(inp, g) if self.cfg.channel_shuffle else slice(None)] |= mask
-        return delta, bias, int(union.sum())  # type: ignore[return-value]
+        return int(union.sum())
 
     def merged_weights(self, model: nn.Module) -> dict[str, Tensor]:
         new = {}
         for name, lin in _linears(model):
             if lin.bias is None:
                 raise ValueError(f"consolidator: cannot merge the branch bias into {name}, which has no bias")
-            delta, bias, _ = self.consolidated(self.keys[name])
+            delta, bias = self.consolidated(self.keys[name])
             new[f"{name}.weight"] = lin.weight.detach() + delta
             new[f"{name}.bias"] = lin.bias.detach() + bias
         return new

@@ -32,7 +32,7 @@ class ConvpassConfig(PeftConfig):
 
 
 class Bypass(nn.Module):
-    def __init__(self, d: int, m: int, conv_init: str) -> None:
+    def __init__(self, d: int, m: int, conv_init: str, bits: int) -> None:
         super().__init__()
         self.down = nn.Linear(d, m)
         self.conv = nn.Conv2d(m, m, 3, padding=1)
@@ -46,7 +46,10 @@ class Bypass(nn.Module):
             else:
                 nn.init.xavier_uniform_(self.conv.weight)
             nn.init.zeros_(self.conv.bias)
-            nn.init.zeros_(self.up.weight)
+            if bits == 1:  # a zero matrix has no spread to standardise: N(0, 1e-3²) cut at ±2σ, as Bi-AdaptFormer
+                nn.init.trunc_normal_(self.up.weight, std=1e-3, a=-2e-3, b=2e-3)
+            else:
+                nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
 
 
@@ -57,7 +60,7 @@ class Convpass(PeftMethod):
     def __init__(self, cfg: ConvpassConfig, model: nn.Module) -> None:
         super().__init__(cfg, model)
         d = vit_dim(model)
-        self.bypass = nn.ModuleList(Bypass(d, cfg.dim, cfg.conv_init) for _ in range(2 * len(vit_blocks(model))))
+        self.bypass = nn.ModuleList(Bypass(d, cfg.dim, cfg.conv_init, cfg.bits) for _ in range(2 * len(vit_blocks(model))))
         self.act = QuickGELU()
         self.drop = nn.Dropout(cfg.dropout)
         self.n_prefix = int(getattr(model, "num_prefix_tokens", 1))

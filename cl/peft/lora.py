@@ -50,7 +50,7 @@ class LoRA(PeftMethod):
                 for i in range(n):
                     nn.init.kaiming_uniform_(self.A[p][i], a=math.sqrt(5))
                     if cfg.bits == 1:
-                        nn.init.trunc_normal_(self.B[p][i], std=1e-3)
+                        nn.init.trunc_normal_(self.B[p][i], std=1e-3, a=-2e-3, b=2e-3)  # cut at ±2σ
 
     def identity_at_init(self) -> bool:
         return self.cfg.bits == 32
