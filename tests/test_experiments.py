@@ -1,12 +1,18 @@
-"""Every experiment YAML shipped in experiments/ validates (runs and suites), so none rots silently."""
+"""Every experiment YAML shipped in experiments/ validates (runs and suites) and its backbone and PEFT
+modules can be built, so none rots silently."""
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from cl.config import load_run_config, read_yaml
+from cl.models.backbone import create_model
+from cl.peft import build_peft
 from cl.engine.sweep import plan_suite
 from cl.engine.tune import load_tune
 
@@ -24,13 +30,30 @@ def test_experiment_file_validates(path: Path, tmp_path: Path):
     if "suite" in raw:
         _, planned = plan_suite(path)
         assert planned
+        for run in planned:
+            builds(run.cfg)
         return
     overrides = []
     if raw.get("benchmark", {}).get("dataset", {}).get("name") == "image_folder":  # its class count needs the folder
         for c in range(200):
             (tmp_path / "train" / f"class{c:03d}").mkdir(parents=True)
         overrides.append(f"benchmark.dataset.root={tmp_path}")
-    load_run_config(path, overrides)
+    builds(load_run_config(path, overrides))
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name: str, kwargs: str) -> torch.nn.Module:
+    return create_model(name, json.loads(kwargs))
+
+
+def builds(cfg) -> None:  # noqa: ANN001
+    """The backbone architecture of a validated config can be built (no weights) and so can the
+    PEFT modules its strategy puts on it: a suite whose kwargs no longer fit its backbone fails here."""
+    model = _model(cfg.backbone.name, json.dumps(cfg.backbone.kwargs, sort_keys=True))
+    for key in ("peft", "first_session"):
+        section = getattr(cfg.strategy, key, None)
+        if section is not None:
+            build_peft(section, model)
 
 
 RESULTS = EXPERIMENTS / "tuning" / "results"
