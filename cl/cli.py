@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the run in the run directory (only one this framework created)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N experiences (resumable)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and what would happen to its run directory")
+    p.add_argument("--smoke", action="store_true", help="rehearse: real architecture and input size, a few samples and steps, into OUT/smoke")
 
     p = sub.add_parser("sweep", help="run a suite (benchmarks x strategies x seeds) and compare")
     p.add_argument("suite")
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "ray"], default="local")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster ('auto', 'ray://host:10001'); default: a local instance")
     p.add_argument("--dry-run", action="store_true", help="list every run directory and whether it would be run, resumed or reused")
+    p.add_argument("--smoke", action="store_true", help="rehearse every run: real architectures, a few samples and steps, into OUT/smoke")
 
     p = sub.add_parser("tune", help="hyper-parameter search on validation data (the test set is sealed)")
     p.add_argument("tune_file")
@@ -85,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_cli_config(path: str, overrides: list[str], out: str | None) -> RunConfig:
-    """A run config as ``cl run`` sees it: YAML, then ``--set`` (which names the run), then ``--out``."""
+def load_cli_config(path: str, overrides: list[str], out: str | None, smoke: bool = False) -> RunConfig:
+    """A run config as ``cl run`` sees it: YAML, then ``--set`` (which names the run), then ``--out``,
+    then the smoke rewrite (``--smoke``)."""
     from cl.config import apply_overrides, load_yaml, parse_run_config
     from cl.engine.rundir import name_run
 
@@ -96,7 +99,12 @@ def load_cli_config(path: str, overrides: list[str], out: str | None) -> RunConf
     data = name_run(apply_overrides(data, overrides), overrides, data)
     if out is not None:
         data["out_dir"] = out
-    return parse_run_config(data)
+    cfg = parse_run_config(data)
+    if smoke:
+        from cl.engine.smoke import smoke_config
+
+        _, cfg = smoke_config(data, cfg)
+    return cfg
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -104,7 +112,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after must be >= 1, got {args.stop_after}")
-    cfg = load_cli_config(args.config, args.overrides, args.out)
+    cfg = load_cli_config(args.config, args.overrides, args.out, args.smoke)
     if args.dry_run:
         return _dry_run(cfg, args)
     metrics = run(cfg, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after)
@@ -145,7 +153,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     if args.dry_run:
-        suite, planned = plan_suite(args.suite, args.overrides, args.out)
+        suite, planned = plan_suite(args.suite, args.overrides, args.out, args.smoke)
         for run, (state, why) in zip(planned, plan_states(planned, args.overwrite)):
             print(f"{state:<16} {run.cfg.run_dir()}" + (f"  ({why})" if why else ""))
         check_plan(planned, args.overwrite)
@@ -154,7 +162,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             check_ray_address(args.ray_address)
         return 0
     text, outcomes = run_suite(args.suite, args.overrides, args.out, overwrite=args.overwrite,
-                               jobs=args.jobs, executor=args.executor, ray_address=args.ray_address)
+                               jobs=args.jobs, executor=args.executor, ray_address=args.ray_address, smoke=args.smoke)
     print(text)
     failed = [o for o in outcomes if not o["ok"]]
     if failed:

@@ -245,6 +245,7 @@ class TrainConfig(Model):
         True, description="also evaluate tasks not trained yet (needed for forward transfer)"
     )
     checkpoint: bool = Field(True, description="checkpoint after every experience (needed for --resume)")
+    max_steps: int | None = Field(None, ge=1, description="cap on optimiser steps per experience (smoke runs); null = every batch of every epoch")
 
 
 class ShiftConfig(Model):
@@ -263,6 +264,7 @@ class RunConfig(Model):
     data_root: str | None = Field(None, description="default: $CL_DATA, else ~/.cache/cl/data")
     cache_dir: str | None = Field(None, description="default: $CL_CACHE, else ~/.cache/cl")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    smoke: bool = Field(False, description="a smoke rehearsal (cl run --smoke): a few samples and steps, not a measurement")
     num_threads: int | None = Field(None, ge=1)
     progress: bool = True
     benchmark: BenchmarkConfig

@@ -16,6 +16,7 @@ from cl.data.benchmark import build_benchmark, subsample_per_class
 from cl.data.sources import DEBIAN_FASHION_MNIST, read_cifar_batch, read_idx
 from cl.data.transforms import BatchTransform, random_crop_flip
 from cl.errors import DataError
+from tests.fakes import write_cifar, write_cub
 
 
 def bench_cfg(**kw) -> BenchmarkConfig:
@@ -120,21 +121,6 @@ def test_real_fashion_mnist_from_debian_package(tmp: Path):
     assert len(b.source.y_train) == 200 and len(b.source.y_test) == 100
 
 
-def write_cifar(root: Path, n_classes: int = 10, per_file: int = 20) -> None:
-    rng = np.random.default_rng(0)
-    if n_classes == 10:
-        folder, trains, test, meta = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta"
-        label_key, names_key = "labels", "label_names"
-    else:
-        folder, trains, test, meta = root / "cifar-100-python", ["train"], "test", "meta"
-        label_key, names_key = "fine_labels", "fine_label_names"
-    folder.mkdir(parents=True)
-    for name in [*trains, test]:
-        batch = {"data": rng.integers(0, 255, (per_file, 3072), dtype=np.uint8), label_key: [i % n_classes for i in range(per_file)]}
-        (folder / name).write_bytes(pickle.dumps(batch))
-    (folder / meta).write_bytes(pickle.dumps({names_key: [f"class{i}" for i in range(n_classes)]}))
-
-
 @pytest.mark.parametrize("n_classes", [10, 100])
 def test_cifar_loader_on_tiny_cifar_format_files(tmp: Path, n_classes: int):
     write_cifar(tmp, n_classes, per_file=n_classes * 2)
@@ -200,23 +186,7 @@ def test_channel_stats_are_exact_and_thread_independent():
 
 
 def test_cub200_loader_on_a_tiny_official_layout(tmp: Path):
-    from PIL import Image
-
-    base = tmp / "CUB_200_2011"
-    (base / "images").mkdir(parents=True)
-    lines, labels, split = [], [], []
-    for i in range(1, 401):  # 2 images per class: one train, one test
-        cls = (i - 1) // 2 + 1
-        rel = f"{cls:03d}.Bird/img_{i}.jpg"
-        (base / "images" / rel).parent.mkdir(exist_ok=True)
-        Image.new("RGB", (12, 9), (cls, 0, 0)).save(base / "images" / rel, format="PNG")  # lossless, whatever the name
-        lines.append(f"{i} {rel}")
-        labels.append(f"{i} {cls}")
-        split.append(f"{i} {i % 2}")
-    (base / "images.txt").write_text("\n".join(lines))
-    (base / "image_class_labels.txt").write_text("\n".join(labels))
-    (base / "train_test_split.txt").write_text("\n".join(split))
-    (base / "classes.txt").write_text("\n".join(f"{c} {c:03d}.Bird" for c in range(1, 201)))
+    write_cub(tmp)
     raw = {"dataset": {"name": "cub200", "root": str(tmp), "image_size": 8, "download": False}, "n_experiences": 10}
     b = build_benchmark(_specialise(BenchmarkConfig, raw).model_validate(raw), tmp, seed=0)
     assert b.source.x_train.shape == (200, 3, 8, 8) and len(b.source.y_test) == 200

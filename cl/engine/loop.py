@@ -19,6 +19,7 @@ directory is touched, so bad input never leaves a half-written run behind.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -441,20 +442,25 @@ class _Loop:
             self.samples_seen += len(data) * epochs
             self.log.write("epoch", experience=i, epoch=epochs - 1, steps=None)
             return
+        budget = self.cfg.train.max_steps
         for epoch in range(epochs):
             self.strategy.before_epoch(epoch)
             meter = _LossMeter()
-            for xb, yb in data.batches(self.cfg.train.batch_size, self.generator):
+            for xb, yb in itertools.islice(data.batches(self.cfg.train.batch_size, self.generator), budget):
                 meter.add(self.strategy.observe(xb, yb, exp.task_id), f"experience {i}, epoch {epoch}")
                 self.samples_seen += len(yb)
             self.log.write("epoch", experience=i, epoch=epoch, steps=meter.steps, **meter.means())
+            if budget is not None:
+                budget -= meter.steps
+                if budget <= 0:
+                    break
 
     def _train_online(self, exp: Experience) -> None:
         online = self.cfg.benchmark.online
         meter = _LossMeter()
         self.strategy.before_epoch(0)
         next_eval = (self.samples_seen // online.eval_every + 1) * online.eval_every
-        for xb, yb in exp.train.batches(online.batch_size, self.generator):  # single pass
+        for xb, yb in itertools.islice(exp.train.batches(online.batch_size, self.generator), self.cfg.train.max_steps):  # single pass
             meter.add(self.strategy.observe(xb, yb, exp.task_id), f"experience {exp.index}, sample {self.samples_seen}")
             self.samples_seen += len(yb)
             self.observed[yb] = True
@@ -510,6 +516,7 @@ class _Loop:
             # which data every number was measured on: the accuracy matrices and their summaries on
             # `split`; *_val matrices and `validation` on the validation splits (carved from training data)
             "split": self.split,
+            "smoke": cfg.smoke,
             "experiment": cfg.experiment,
             "run": cfg.name,
             "strategy": cfg.strategy.name,

@@ -33,6 +33,7 @@ from cl.config import (
     parse_run_config,
 )
 from cl.engine.rundir import check_before_run, check_report_dir, name_run, override_label, planned_state
+from cl.engine.smoke import smoke_config
 from cl.errors import RunDirError, UserError
 from cl.utils import write_json
 
@@ -84,7 +85,9 @@ class PlannedRun:
     cfg: RunConfig  # the same, validated, for the planning process
 
 
-def plan_suite(path: str | Path, cli_overrides: list[str] | None = None, out_dir: str | None = None) -> tuple[SuiteConfig, list[PlannedRun]]:
+def plan_suite(
+    path: str | Path, cli_overrides: list[str] | None = None, out_dir: str | None = None, smoke: bool = False
+) -> tuple[SuiteConfig, list[PlannedRun]]:
     """Expand and validate every run of a suite; raises ConfigError naming the entry at fault.
 
     ``--set`` overrides rename the runs they change (``er`` -> ``er,strategy.lr=0.5``), so their
@@ -127,6 +130,8 @@ def plan_suite(path: str | Path, cli_overrides: list[str] | None = None, out_dir
                 where = f"{path}: {'benchmark ' + bench.name + ', ' if bench else ''}strategy {strat.name}, seed {seed}"
                 try:
                     cfg = parse_run_config(data)
+                    if smoke:
+                        data, cfg = smoke_config(data, cfg)
                 except ConfigError as err:
                     raise ConfigError(f"{where}: {err}") from None
                 planned.append(PlannedRun(bench.name if bench else None, strat.name, seed, data, cfg))
@@ -374,12 +379,13 @@ def run_suite(
     jobs: int = 1,
     executor: str = "local",
     ray_address: str | None = None,
+    smoke: bool = False,
 ) -> tuple[str, list[dict[str, Any]]]:
     """Plan, warm shared caches, execute, then write the comparison report to ``<out>/<suite>/``
     (``<out>/<suite>/report,<overrides>/`` when ``--set`` overrides change results)."""
     from analysis.report import RunRecord, write_report
 
-    suite, planned = plan_suite(path, cli_overrides, out_dir)
+    suite, planned = plan_suite(path, cli_overrides, out_dir, smoke)
     check_plan(planned, overwrite)
     root = report_dir(suite, planned, cli_overrides)
     check_report_dir(root, planned[0].cfg.out_dir)

@@ -1,0 +1,100 @@
+"""``--smoke`` rehearses every shipped config end to end, so none can rot unnoticed.
+
+Each run config under experiments/ and one seed of every suite entry runs with ``--smoke`` (real
+architecture and input size, a few samples, two steps per experience) into a temporary directory.
+Datasets that cannot be downloaded here get tiny fake trees in their official layouts, and hub
+weights are replaced by random ones (``backbone.weights.source=none``): the rehearsal covers shapes,
+data pipeline, strategy and run directory, not the weights. The GPU-scale configs (ViT-B/16 and
+ResNets at 224 px) are rehearsed on their first 2 experiences, the only other change, to keep this
+file to a few minutes on 2 CPU cores; `cl run CONFIG --smoke` runs them whole (README, "Running at
+scale").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cl.cli import load_cli_config, main
+from cl.config import load_yaml, read_yaml
+from cl.engine.loop import run
+from cl.engine.sweep import plan_suite
+from tests.fakes import write_cifar, write_cub, write_image_folder
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+RUNS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "base.yaml" and "tuning" not in p.parts and "suite" not in read_yaml(p))
+SUITES = sorted(p for p in EXPERIMENTS.glob("*.yaml") if "suite" in read_yaml(p))
+OFFLINE = {"fashion_mnist", "digits", "synthetic"}
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fake_data")
+    write_cifar(root, 100, per_file=400)
+    write_cub(root)
+    write_image_folder(root / "image_folder", 200)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("smoke_cache")
+
+
+def smoke_overrides(path: Path, fake: Path, cache: Path) -> list[str]:
+    dataset = load_yaml(path)["benchmark"]["dataset"]["name"]
+    out = [f"cache_dir={cache}", "progress=false"]
+    gpu_scale = dataset not in OFFLINE
+    if gpu_scale:
+        out += [f"data_root={fake}", "backbone.weights.source=none", "benchmark.n_experiences=2"]
+    if dataset == "image_folder":
+        out.append(f"benchmark.dataset.root={fake / 'image_folder'}")
+    return out
+
+
+def check_run_dir(run_dir: Path) -> None:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["smoke"] is True and metrics["final_acc"] is not None
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "run.json").is_file()
+    assert "/smoke/" in str(run_dir)  # never beside real results
+
+
+def _marks(path: Path) -> pytest.param:
+    """ViT-B/16 at 224 px costs ~0.25 s per image forward on 2 CPU cores: about 5 minutes per config
+    even smoked, so those are marked slow (run with ``pytest -m slow``)."""
+    slow = load_yaml(path)["backbone"]["name"].startswith("vit_base")
+    return pytest.param(path, marks=[pytest.mark.slow] if slow else [], id=str(path.relative_to(EXPERIMENTS)))
+
+
+@pytest.mark.parametrize("path", [_marks(p) for p in RUNS])
+def test_every_run_config_smokes(path: Path, tmp_path: Path, fake_data: Path, cache: Path):
+    cfg = load_cli_config(str(path), smoke_overrides(path, fake_data, cache), str(tmp_path / "runs"), smoke=True)
+    assert cfg.smoke and cfg.train.max_steps == 2 and cfg.benchmark.test_per_class == 1
+    run(cfg)
+    check_run_dir(cfg.run_dir())
+
+
+@pytest.mark.parametrize("path", SUITES, ids=lambda p: p.name)
+def test_every_suite_entry_smokes(path: Path, tmp_path: Path, fake_data: Path, cache: Path):
+    suite, planned = plan_suite(path, [f"cache_dir={cache}", "progress=false"], str(tmp_path / "runs"), smoke=True)
+    first = [p for p in planned if p.seed == suite.seeds[0]]
+    for planned_run in first:
+        run(planned_run.cfg)
+        check_run_dir(planned_run.cfg.run_dir())
+
+
+def test_smoke_from_the_command_line_writes_a_separate_complete_run(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture):
+    config = EXPERIMENTS / "fmnist" / "b4inc2.yaml"
+    assert main(["run", str(config), "--smoke", "--out", str(tmp_path), "--set", f"cache_dir={cache}", "--set", "progress=false"]) == 0
+    run_dir = tmp_path / "smoke" / "fmnist_b4inc2" / "er" / "seed0"
+    check_run_dir(run_dir)
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert all(e["steps"] <= 2 for e in log if e["event"] == "epoch")
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["smoke"] is True and resolved["benchmark"]["train_per_class"] == 4
+    # a real run of the same config goes elsewhere: nothing to refuse, nothing mixed
+    assert main(["run", str(config), "--dry-run", "--out", str(tmp_path), "--set", f"cache_dir={cache}"]) == 0
+    assert str(tmp_path / "fmnist_b4inc2" / "er" / "seed0") in capsys.readouterr().out
