@@ -263,7 +263,10 @@ class RunConfig(Model):
     out_dir: str = Field("runs", min_length=1, description="root of all run directories ('~' expanded; relative to the working directory)")
     data_root: str | None = Field(None, description="default: $CL_DATA, else ~/.cache/cl/data")
     cache_dir: str | None = Field(None, description="default: $CL_CACHE, else ~/.cache/cl")
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    device: Literal["cpu", "cuda", "mps", "auto"] = Field("cpu", description="auto = cuda, else mps, else cpu")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16 = the backbone (and its PEFT modules) under bf16 autocast, heads and losses in fp32 (CPU or GPU); fp16 is refused"
+    )
     smoke: bool = Field(False, description="a smoke rehearsal (cl run --smoke): a few samples and steps, not a measurement")
     num_threads: int | None = Field(None, ge=1)
     progress: bool = True
@@ -705,6 +708,8 @@ def check_semantics(cfg: RunConfig) -> None:
     """Cross-section checks that pydantic field validators cannot see."""
     check_run_dir(cfg)
     check_benchmark(cfg.benchmark)
+    if cfg.precision == "fp16":
+        raise ConfigError("precision: fp16 needs a gradient scaler inside every strategy's optimiser step, which is not there; use bf16")
     if cfg.benchmark.scenario == "online" and cfg.train.epochs != 1:
         raise ConfigError(f"train.epochs: must be 1 in the online scenario (single pass), got {cfg.train.epochs}")
     pretrain = cfg.backbone.weights.pretrain

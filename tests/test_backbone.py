@@ -92,12 +92,13 @@ def test_hub_weights_load_offline_from_a_local_hub_cache(tmp: Path):
         from cl.data.transforms import BatchTransform
         from cl.models.backbone import create_backbone
         cfg = BackboneConfig.model_validate({{"name": "test_vit", "weights": {{"source": "hub"}}}})
-        bb = create_backbone(cfg, BatchTransform(3, 3, 160, (0.5,) * 3, (0.5,) * 3), seed=0)
+        bb = create_backbone(cfg, BatchTransform(3, 3, 160, (0.1,) * 3, (0.2,) * 3), seed=0)  # dataset stats
         ref = torch.load({str(tmp / "ref.pth")!r}, weights_only=True)
         state = bb.model.state_dict()
         assert all(torch.equal(state[k], ref[k]) for k in ref), "weights differ"
         assert bb.weights["hf_hub_id"] == "timm/test_vit.r160_in1k", bb.weights
-        assert bb.transform.mean == (0.5, 0.5, 0.5)  # the weights' own normalisation
+        assert bb.transform.mean == (0.5, 0.5, 0.5) and bb.transform.std == (0.5, 0.5, 0.5)  # replaced by the tag's own
+        assert bb.weights["pretrained_input"]["input_size"] == (3, 160, 160), bb.weights  # recorded with the run
         print("ok", bb.weights["sha256"][:12])
         """
     )

@@ -43,7 +43,7 @@ from cl.models.features import cached_features
 from cl.models.pretrain import get_pretrained
 from cl.registry import STRATEGIES
 from cl.errors import ConfigError, RunDirError, TrainingDiverged, UserError
-from cl.utils import DEFAULT_THREADS, environment_info, remove_stale_temps, peak_rss_mb, resolve_device, seed_everything, torch_threads, write_json
+from cl.utils import DEFAULT_THREADS, autocast_forward, environment_info, remove_stale_temps, peak_rss_mb, resolve_device, seed_everything, torch_threads, write_json
 from strategies.base import Strategy, StrategyContext, create_strategy
 
 
@@ -100,6 +100,8 @@ def prepare_inputs(cfg: RunConfig, want_features: bool) -> Inputs:
     build_threads = cfg.num_threads or DEFAULT_THREADS
     with torch_threads(build_threads):
         backbone = build_backbone(cfg, images, device)
+    if cfg.precision == "bf16":
+        autocast_forward(backbone.model, device)
     t2 = time.perf_counter()
     setup: dict[str, Any] = {"data_time_s": t1 - t0, "backbone_time_s": t2 - t1, "feature_cache": None, "feature_time_s": 0.0,
                              "build_threads": build_threads}
@@ -108,7 +110,7 @@ def prepare_inputs(cfg: RunConfig, want_features: bool) -> Inputs:
         with torch_threads(build_threads):
             train_x, test_x, hit = cached_features(
                 backbone, images, cache_dir=cfg.resolved_cache_dir(), batch_size=cfg.train.eval_batch_size,
-                device=device, progress=cfg.progress,
+                device=device, progress=cfg.progress, precision=cfg.precision,
             )
         bench = images.with_inputs(train_x, test_x)
         setup.update(feature_cache="hit" if hit else "miss", feature_time_s=time.perf_counter() - t2)

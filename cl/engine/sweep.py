@@ -213,7 +213,8 @@ def warm_caches(planned: list[PlannedRun]) -> None:
         cfg = run.cfg
         if cfg.backbone.weights.source != "pretrain" and not cfg.backbone.cache_features:
             continue
-        key = config_hash({"benchmark": cfg.benchmark, "backbone": cfg.backbone, "seed": cfg.seed, "cache": str(cfg.resolved_cache_dir())})
+        key = config_hash({"benchmark": cfg.benchmark, "backbone": cfg.backbone, "seed": cfg.seed, "cache": str(cfg.resolved_cache_dir()),
+                          "precision": cfg.precision})
         wants = STRATEGIES.get(cfg.strategy.name).wants_features(cfg.strategy)
         old = groups.get(key)
         groups[key] = (cfg, wants or (old is not None and old[1]))

@@ -221,7 +221,7 @@ class _Inputs:
 
         wants = STRATEGIES.get(cfg.strategy.name).wants_features(cfg.strategy)
         key = config_hash({"benchmark": cfg.benchmark, "backbone": cfg.backbone, "seed": cfg.seed, "device": cfg.device,
-                           "threads": cfg.num_threads, "features": wants})
+                           "threads": cfg.num_threads, "features": wants, "precision": cfg.precision})
         if key not in self._cache:
             if len(self._cache) >= 4:  # bounded: a space over benchmark or backbone keys
                 self._cache.pop(next(iter(self._cache)))

@@ -242,11 +242,13 @@ def create_backbone(
             model = create_model(cfg.name, kwargs, pretrained=True)
         except (OSError, RuntimeError, ValueError) as err:
             raise WeightsError(
-                f"could not fetch hub weights for '{cfg.name}' ({type(err).__name__}); offline, download them "
-                f"elsewhere and use backbone.weights.source: file"
+                f"could not fetch hub weights for '{cfg.name}' ({type(err).__name__}); offline, fill the Hugging Face "
+                f"cache (HF_HOME) on a machine with internet, or download them and use backbone.weights.source: file"
             ) from None
         pcfg = getattr(model, "pretrained_cfg", {}) or {}
         info.update({k: pcfg.get(k) for k in ("hf_hub_id", "url", "tag") if pcfg.get(k)})
+        # what the weights were trained to see, for the record (the benchmark sets the input size)
+        info["pretrained_input"] = {k: pcfg.get(k) for k in ("input_size", "interpolation", "crop_pct", "mean", "std")}
     elif source == "file":
         state, sha = load_weights_file(cfg.weights.path or "", cfg.weights.sha256)
         model, ignored = _load_into(cfg.name, kwargs, state, cfg.weights.path or "")

@@ -53,9 +53,9 @@ def extract_features(
     return features
 
 
-def feature_cache_key(backbone: Backbone, bench: Benchmark, device: torch.device) -> str:
+def feature_cache_key(backbone: Backbone, bench: Benchmark, device: torch.device, precision: str = "fp32") -> str:
     """Everything the features depend on: weights, architecture and its kwargs (pooling, activations
-    change features, not weights), input pipeline, images, thread count and device."""
+    change features, not weights), input pipeline, images, thread count, device and precision."""
     return config_hash(
         {
             "weights": backbone.weights.get("sha256"),
@@ -65,6 +65,7 @@ def feature_cache_key(backbone: Backbone, bench: Benchmark, device: torch.device
             "pool": tensor_sha256(bench.source.x_train, bench.source.x_test),
             "threads": torch.get_num_threads(),
             "device": device.type,
+            **({"precision": precision} if precision != "fp32" else {}),  # fp32 keys stay as they were
         }
     )
 
@@ -77,6 +78,7 @@ def cached_features(
     batch_size: int,
     device: torch.device,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> tuple[Tensor, Tensor, bool]:
     """(train pool features, test pool features, cache hit?) for the benchmark's image pools.
 
@@ -84,7 +86,7 @@ def cached_features(
     whose bytes no longer match is rebuilt with a warning, never used. A cache that cannot be
     written (read-only, full) costs only the reuse.
     """
-    path = cache_dir / "features" / f"{feature_cache_key(backbone, bench, device)}.safetensors" if cache_dir else None
+    path = cache_dir / "features" / f"{feature_cache_key(backbone, bench, device, precision)}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
         cached = _read_verified(path, len(bench.source.x_train), len(bench.source.x_test), backbone.feature_dim)
         if cached is not None:
