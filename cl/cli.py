@@ -54,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--overwrite", action="store_true", help="re-run finished runs instead of reusing them")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (local processes or Ray tasks sharing the cores)")
-    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--executor", choices=["local", "ray", "slurm"], default="local")
+    p.add_argument("--slurm-partition", default=None)
+    p.add_argument("--slurm-time", type=int, default=240, metavar="MIN", help="wall-time limit per run (minutes)")
+    p.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per run")
+    p.add_argument("--slurm-cpus", type=int, default=4, help="CPU cores per run")
+    p.add_argument("--slurm-mem", type=int, default=None, metavar="GB")
+    p.add_argument("--slurm-parallel", type=int, default=None, help="array tasks running at once")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster ('auto', 'ray://host:10001'); default: a local instance")
     p.add_argument("--dry-run", action="store_true", help="list every run directory and whether it would be run, resumed or reused")
     p.add_argument("--smoke", action="store_true", help="rehearse every run: real architectures, a few samples and steps, into OUT/smoke")
@@ -160,14 +166,35 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         check_report_dir(report_dir(suite, planned, args.overrides), planned[0].cfg.out_dir)
         if args.executor == "ray":
             check_ray_address(args.ray_address)
+        if args.executor == "slurm":
+            from cl.engine.slurm import check_slurm
+
+            _slurm_options(args)
+            check_slurm()
         return 0
     text, outcomes = run_suite(args.suite, args.overrides, args.out, overwrite=args.overwrite,
-                               jobs=args.jobs, executor=args.executor, ray_address=args.ray_address, smoke=args.smoke)
+                               jobs=args.jobs, executor=args.executor, ray_address=args.ray_address, smoke=args.smoke,
+                               slurm=_slurm_options(args))
     print(text)
     failed = [o for o in outcomes if not o["ok"]]
     if failed:
         print(f"{len(failed)} of {len(outcomes)} runs failed:\n" + "\n".join(f"  {o['run_dir']}: {o['error']}" for o in failed))
     return 1 if failed else 0
+
+
+def _slurm_options(args: argparse.Namespace):  # noqa: ANN202
+    if args.executor != "slurm":
+        return None
+    from pydantic import ValidationError
+
+    from cl.engine.slurm import SlurmOptions
+
+    try:
+        return SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time, gpus=args.slurm_gpus, cpus=args.slurm_cpus,
+                            mem_gb=args.slurm_mem, parallel=args.slurm_parallel)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UserError(f"--slurm-{str(first['loc'][0]).replace('_min', '').replace('_gb', '').replace('_', '-')}: {first['msg']}") from None
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:

@@ -381,6 +381,7 @@ def run_suite(
     executor: str = "local",
     ray_address: str | None = None,
     smoke: bool = False,
+    slurm: Any = None,
 ) -> tuple[str, list[dict[str, Any]]]:
     """Plan, warm shared caches, execute, then write the comparison report to ``<out>/<suite>/``
     (``<out>/<suite>/report,<overrides>/`` when ``--set`` overrides change results)."""
@@ -392,9 +393,15 @@ def run_suite(
     check_report_dir(root, planned[0].cfg.out_dir)
     if executor == "ray":
         check_ray_address(ray_address)  # fail in seconds, before the caches are warmed
+    if executor == "slurm":
+        from cl.engine.slurm import SlurmOptions, check_slurm, run_slurm
+
+        check_slurm()
     warm_caches(planned)
     if executor == "ray":
         outcomes = run_ray(planned, overwrite, ray_address, max(1, (os.cpu_count() or 1) // max(jobs, 1)))
+    elif executor == "slurm":
+        outcomes = run_slurm(planned, overwrite, root / ".submitit", slurm or SlurmOptions(), _report_progress)
     else:
         outcomes = run_local(planned, jobs, overwrite)
     label = override_label(cli_overrides or [], {})
