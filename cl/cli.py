@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     _common(p)
 
+    p = sub.add_parser("fetch", help="download what a config needs (dataset, hub weights) into the caches, without running it")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+
     p = sub.add_parser("shift", help="representational-shift tables and plots of a run with saved probes")
     p.add_argument("run_dir")
     p.add_argument("--kernel", choices=["linear", "rbf"], default="linear")
@@ -245,6 +249,24 @@ def _cmd_shift(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    """For login nodes with internet: fill the data root and the Hugging Face cache for a config,
+    so that compute nodes without internet find everything there."""
+    from cl.data.benchmark import build_benchmark
+    from cl.models.backbone import create_backbone
+
+    cfg = load_cli_config(args.config, args.overrides, None)
+    bench = build_benchmark(cfg.benchmark, cfg.resolved_data_root(), cfg.seed)
+    src = bench.source
+    print(f"dataset {cfg.benchmark.dataset.name}: {src.origin} ({len(src.y_train)} train, {len(src.y_test)} test images)")
+    if cfg.backbone.weights.source == "hub":
+        backbone = create_backbone(cfg.backbone, bench.transform, seed=cfg.seed)
+        print(f"weights {cfg.backbone.name}: {backbone.weights.get('hf_hub_id') or backbone.weights.get('url')} cached (sha256 {backbone.weights['sha256'][:16]}...)")
+    else:
+        print(f"weights: source '{cfg.backbone.weights.source}', nothing to download")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from cl.registry import BACKBONES, BENCHMARKS, PEFT, STRATEGIES
 
@@ -259,7 +281,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "run": _cmd_run, "sweep": _cmd_sweep, "tune": _cmd_tune, "compare": _cmd_compare, "pretrain": _cmd_pretrain, "shift": _cmd_shift, "list": _cmd_list,
+    "run": _cmd_run, "sweep": _cmd_sweep, "tune": _cmd_tune, "compare": _cmd_compare, "pretrain": _cmd_pretrain, "fetch": _cmd_fetch, "shift": _cmd_shift, "list": _cmd_list,
 }
 
 

@@ -98,3 +98,19 @@ def test_smoke_from_the_command_line_writes_a_separate_complete_run(tmp_path: Pa
     # a real run of the same config goes elsewhere: nothing to refuse, nothing mixed
     assert main(["run", str(config), "--dry-run", "--out", str(tmp_path), "--set", f"cache_dir={cache}"]) == 0
     assert str(tmp_path / "fmnist_b4inc2" / "er" / "seed0") in capsys.readouterr().out
+
+
+def test_fetch_fills_nothing_offline_and_says_why_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture):
+    config = EXPERIMENTS / "peft" / "cifar100_b0inc10.yaml"
+    empty = tmp_path / "data"
+    assert main(["fetch", str(config), "--set", f"data_root={empty}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CIFAR-100 not found" in err[0] and "download failed" in err[0]
+    assert not any(empty.rglob("*")) if empty.exists() else True  # no half-downloaded files left behind
+
+
+def test_fetch_reports_a_dataset_that_is_there(tmp_path: Path, fake_data: Path, capsys: pytest.CaptureFixture):
+    config = EXPERIMENTS / "peft" / "cifar100_b0inc10.yaml"
+    assert main(["fetch", str(config), "--set", f"data_root={fake_data}", "--set", "backbone.weights.source=none"]) == 0
+    out = capsys.readouterr().out
+    assert "dataset cifar100:" in out and "400 train, 400 test images" in out and "nothing to download" in out
