@@ -32,8 +32,9 @@ def test_slurm_executor_matches_a_serial_sweep(tmp: Path, shared_cache: Path, mo
 
 def test_a_preempted_run_is_requeued_as_a_resume():
     from cl.engine.slurm import _runner
+    from cl.engine.sweep import execute
 
-    runner = _runner()
+    runner = _runner(execute)
     again = runner.checkpoint({"experiment": "x"}, True, 4)  # preempted while overwriting
     assert isinstance(again, submitit.helpers.DelayedSubmission)
     assert again.args == ({"experiment": "x"}, False, 4)  # resumes from its checkpoint, never overwrites again

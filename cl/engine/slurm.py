@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, Field
 
@@ -31,13 +31,12 @@ class SlurmOptions(BaseModel):
     parallel: int | None = Field(None, ge=1, description="array tasks running at once (default: all)")
 
 
-def _runner():  # noqa: ANN202 - built lazily: submitit is imported only for this executor
+def _runner(execute: Callable[..., dict[str, Any]]):  # noqa: ANN202 - built lazily: submitit is imported only here
     import submitit
 
-    from cl.engine.sweep import execute
-
     class SlurmRun(submitit.helpers.Checkpointable):
-        """One run; on preemption or timeout requeued as a resume of the same run."""
+        """One run (``execute(data, overwrite, threads)``); on preemption or timeout requeued as a
+        resume of the same run."""
 
         def __call__(self, data: dict[str, Any], overwrite: bool, threads: int) -> dict[str, Any]:
             return execute(data, overwrite, threads)
@@ -62,8 +61,11 @@ def check_slurm() -> str:
     return cluster
 
 
-def run_slurm(planned: list, overwrite: bool, folder: Path, options: SlurmOptions, progress) -> list[dict[str, Any]]:  # noqa: ANN001
-    """Submit ``planned`` as one array and wait; returns the outcomes in plan order."""
+def run_slurm(
+    planned: list, execute: Callable[..., dict[str, Any]], overwrite: bool, folder: Path, options: SlurmOptions,  # noqa: ANN001
+    progress: Callable[[int, int, dict[str, Any]], None],
+) -> list[dict[str, Any]]:
+    """Submit ``planned`` as one array of ``execute`` calls and wait; returns the outcomes in plan order."""
     import submitit
 
     cluster = check_slurm()
@@ -78,7 +80,7 @@ def run_slurm(planned: list, overwrite: bool, folder: Path, options: SlurmOption
         if options.partition:
             params["slurm_partition"] = options.partition
     executor.update_parameters(**params)
-    runner = _runner()
+    runner = _runner(execute)
     n = len(planned)
     jobs = executor.map_array(runner, [run.data for run in planned], [overwrite] * n, [options.cpus] * n)
     results: dict[int, dict[str, Any]] = {}

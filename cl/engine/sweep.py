@@ -401,7 +401,7 @@ def run_suite(
     if executor == "ray":
         outcomes = run_ray(planned, overwrite, ray_address, max(1, (os.cpu_count() or 1) // max(jobs, 1)))
     elif executor == "slurm":
-        outcomes = run_slurm(planned, overwrite, root / ".submitit", slurm or SlurmOptions(), _report_progress)
+        outcomes = run_slurm(planned, execute, overwrite, root / ".submitit", slurm or SlurmOptions(), _report_progress)
     else:
         outcomes = run_local(planned, jobs, overwrite)
     label = override_label(cli_overrides or [], {})
