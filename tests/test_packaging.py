@@ -22,7 +22,7 @@ def pins(lines: list[str]) -> dict[str, str]:
 
 def test_environment_yml_pins_match_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pip_pins = pins(project["dependencies"] + project["optional-dependencies"]["test"] + project["optional-dependencies"]["ray"])
+    pip_pins = pins(project["dependencies"] + [pin for extra in project["optional-dependencies"].values() for pin in extra])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda_pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert pins(conda_pip) == pip_pins
