@@ -198,7 +198,8 @@ def _slurm_options(args: argparse.Namespace):  # noqa: ANN202
                             mem_gb=args.slurm_mem, parallel=args.slurm_parallel)
     except ValidationError as err:
         first = err.errors()[0]
-        raise UserError(f"--slurm-{str(first['loc'][0]).replace('_min', '').replace('_gb', '').replace('_', '-')}: {first['msg']}") from None
+        flag = {"time_min": "time", "mem_gb": "mem"}.get(str(first["loc"][0]), str(first["loc"][0]))
+        raise UserError(f"--slurm-{flag}: {first['msg']}") from None
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:

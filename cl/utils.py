@@ -179,13 +179,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for a block: bf16 autocast on ``device`` (CPU included), or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 def autocast_forward(model: torch.nn.Module, device: torch.device) -> None:
     """Run ``model``'s forward (and whatever is hooked into it, e.g. PEFT modules) under bf16
     autocast and hand back float32 outputs: the backbone computes in bf16, while heads, losses,

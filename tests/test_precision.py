@@ -13,7 +13,7 @@ import torch
 
 from cl.config import ConfigError, parse_run_config
 from cl.engine.loop import run
-from cl.utils import autocast, autocast_forward, resolve_device
+from cl.utils import autocast_forward, resolve_device
 from tests.conftest import tiny_config
 
 
@@ -26,7 +26,8 @@ def test_bf16_runs_close_to_fp32(tmp: Path, shared_cache: Path, strategy: dict):
         metrics = run(cfg)
         log = [json.loads(line) for line in (cfg.run_dir() / "log.jsonl").read_text().splitlines()]
         losses = [e["loss"] for e in log if e["event"] == "epoch" and "loss" in e]
-        assert all(torch.isfinite(torch.tensor(losses))) if losses else True
+        if strategy["name"] != "simplecil":  # the others train: every epoch logs a finite loss
+            assert losses and bool(torch.isfinite(torch.tensor(losses)).all()), losses
         results[precision] = metrics["final_acc"]
     assert abs(results["bf16"] - results["fp32"]) <= 0.15, results
 
@@ -40,14 +41,6 @@ def test_bf16_peft_modules_train_inside_the_autocast_backbone(tmp: Path, shared_
                                            strategy={"name": "peft_per_task", "lr": 0.01, "peft": {"name": "lora", "rank": 2}}))
         accs[precision] = run(cfg)["task_aware"]["final_acc"]
     assert abs(accs["bf16"] - accs["fp32"]) <= 0.15, accs
-
-
-def test_bf16_autocast_really_lowers_the_matmul_precision_on_cpu():
-    a, b = torch.randn(64, 64), torch.randn(64, 64)
-    with autocast(torch.device("cpu"), "bf16"):
-        assert (a @ b).dtype == torch.bfloat16
-    with autocast(torch.device("cpu"), "fp32"):
-        assert (a @ b).dtype == torch.float32
 
 
 def test_bf16_features_have_their_own_cache_entry(tmp: Path):

@@ -113,9 +113,9 @@ def test_phase1_end_to_end_and_resume_state(tmp: Path, shared_cache: Path):
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["strategy"]["first_session"]["name"] == "adapter"  # the resolved config names the Phase 1 module
     assert json.loads((run_dir / "metrics.json").read_text())["final_avg_acc"] is not None
-    a = prepare(cfg).strategy
+    prep = prepare(cfg)
+    a, exps = prep.strategy, prep.bench.experiences
     b = prepare(cfg).strategy
-    exps = prepare(cfg).bench.experiences
     a.before_experience(exps[0])
     for x, y in exps[0].train.batches(16, torch.Generator().manual_seed(0)):
         a.observe(x, y, 0)

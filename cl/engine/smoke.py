@@ -10,8 +10,8 @@ one included) has not rotted before paying for it. What changes, and only that:
   them) and :data:`TEST_PER_CLASS` test sample per class; online, anytime evaluation every 16 samples;
 * training: one epoch, at most :data:`MAX_STEPS` optimiser steps per experience, batches of at most
   :data:`BATCH` (strategies that train themselves, Avalanche's, take the epoch whole); tasks not
-  trained yet are not evaluated (no forward transfer); pretraining one epoch; replay memories clamped to half the training samples;
-  shift probes one sample per class.
+  trained yet are not evaluated (no forward transfer); pretraining one epoch; replay memories
+  clamped to half the training samples; shift probes one sample per class.
 
 Backbone, input size, strategy, scenario and the number of experiences stay as written. Weights stay
 too: a config that loads hub weights needs them in the local cache (or ``--set
@@ -20,6 +20,7 @@ backbone.weights.source=none`` to rehearse with random weights).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from cl.config import RunConfig, deep_merge, parse_run_config
@@ -38,7 +39,7 @@ def smoke_data(data: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     n_train = bench.dataset.num_classes() * train_per_class
     update: dict[str, Any] = {
         "smoke": True,
-        "out_dir": str(_smoke_dir(cfg.out_dir)),
+        "out_dir": _smoke_dir(cfg.out_dir),
         "benchmark": {
             "train_per_class": min(bench.train_per_class or train_per_class, train_per_class),
             "test_per_class": TEST_PER_CLASS,
@@ -67,8 +68,6 @@ def smoke_data(data: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
 
 
 def _smoke_dir(out_dir: str) -> str:
-    from pathlib import Path
-
     path = Path(out_dir)
     return str(path if path.name == "smoke" else path / "smoke")
 
