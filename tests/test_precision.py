@@ -83,3 +83,10 @@ def test_autocast_forward_returns_float32_and_survives_a_deep_copy():
             p.mul_(2)
         assert not torch.allclose(twin(x), model(x))  # the copy runs its own weights, not the original's
         assert torch.equal(model(x), out)
+
+
+def test_an_absent_mps_device_is_refused(tmp: Path):
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(ConfigError, match="device: 'mps' requested but no MPS device"):
+        resolve_device("mps")

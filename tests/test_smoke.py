@@ -114,3 +114,15 @@ def test_fetch_reports_a_dataset_that_is_there(tmp_path: Path, fake_data: Path, 
     assert main(["fetch", str(config), "--set", f"data_root={fake_data}", "--set", "backbone.weights.source=none"]) == 0
     out = capsys.readouterr().out
     assert "dataset cifar100:" in out and "400 train, 400 test images" in out and "nothing to download" in out
+
+
+def test_smoke_never_nests_and_hostile_slurm_options_are_one_line(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture):
+    config = EXPERIMENTS / "fmnist" / "b4inc2.yaml"
+    cfg = load_cli_config(str(config), [f"cache_dir={cache}"], str(tmp_path / "smoke"), smoke=True)
+    assert Path(cfg.out_dir) == tmp_path / "smoke"  # --out already a smoke root: not smoke/smoke
+    suite = EXPERIMENTS / "quickstart.yaml"
+    for flag, value in (("--slurm-cpus", "0"), ("--slurm-mem", "0"), ("--slurm-parallel", "0")):
+        assert main(["sweep", str(suite), "--executor", "slurm", flag, value, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag in err[0], err
+    assert not (tmp_path / "x").exists()
