@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the run in the run directory (only one this framework created)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N experiences (resumable)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and what would happen to its run directory")
+    p.add_argument("--estimate", action="store_true", help="with --dry-run: time a few batches and print the run's estimated time, memory and disk")
     p.add_argument("--smoke", action="store_true", help="rehearse: real architecture and input size, a few samples and steps, into OUT/smoke")
 
     p = sub.add_parser("sweep", help="run a suite (benchmarks x strategies x seeds) and compare")
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-parallel", type=int, default=None, help="array tasks running at once")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster ('auto', 'ray://host:10001'); default: a local instance")
     p.add_argument("--dry-run", action="store_true", help="list every run directory and whether it would be run, resumed or reused")
+    p.add_argument("--estimate", action="store_true", help="with --dry-run: estimate each entry's time, memory and disk (first seed, timed)")
     p.add_argument("--smoke", action="store_true", help="rehearse every run: real architectures, a few samples and steps, into OUT/smoke")
 
     p = sub.add_parser("tune", help="hyper-parameter search on validation data (the test set is sealed)")
@@ -123,6 +125,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after must be >= 1, got {args.stop_after}")
     cfg = load_cli_config(args.config, args.overrides, args.out, args.smoke)
+    if args.estimate and not args.dry_run:
+        raise UserError("--estimate goes with --dry-run")
     if args.dry_run:
         return _dry_run(cfg, args)
     metrics = run(cfg, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after)
@@ -153,6 +157,10 @@ def _dry_run(cfg: RunConfig, args: argparse.Namespace) -> int:
         action = {"new": "run", "finished": "report the finished run (if data and weights match)",
                   "unfinished": "resume" if resumable else "restart (it stopped before its first checkpoint)"}[state]
     print(f"# run directory: {cfg.run_dir()} -> {action}")
+    if args.estimate:
+        from cl.engine.estimate import estimate_run
+
+        print("\n".join(f"# {line}" for line in estimate_run(cfg).lines()))
     return 0
 
 
@@ -162,6 +170,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.estimate and not args.dry_run:
+        raise UserError("--estimate goes with --dry-run")
     if args.dry_run:
         suite, planned = plan_suite(args.suite, args.overrides, args.out, args.smoke)
         for run, (state, why) in zip(planned, plan_states(planned, args.overwrite)):
@@ -175,6 +185,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
             _slurm_options(args)
             check_slurm()
+        if args.estimate:
+            _estimate_suite(suite, planned)
         return 0
     text, outcomes = run_suite(args.suite, args.overrides, args.out, overwrite=args.overwrite,
                                jobs=args.jobs, executor=args.executor, ray_address=args.ray_address, smoke=args.smoke,
@@ -184,6 +196,20 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if failed:
         print(f"{len(failed)} of {len(outcomes)} runs failed:\n" + "\n".join(f"  {o['run_dir']}: {o['error']}" for o in failed))
     return 1 if failed else 0
+
+
+def _estimate_suite(suite, planned) -> None:  # noqa: ANN001
+    from cl.engine.estimate import human_time, estimate_run
+
+    total = 0.0
+    seeds = len(suite.seeds)
+    for planned_run in (p for p in planned if p.seed == suite.seeds[0]):
+        est = estimate_run(planned_run.cfg)
+        total += est.total_s * seeds
+        label = "/".join(x for x in (planned_run.benchmark, planned_run.strategy) if x)
+        print(f"# {label}: {human_time(est.total_s)} per seed x {seeds}, peak {est.peak_rss_gb:.2f} GB RSS, "
+              + ", ".join(f"{k} {v:.3f} GB" for k, v in est.disk_gb.items()))
+    print(f"# estimated total: {human_time(total)} run one after another (divide by --jobs for parallel runs on enough cores/GPUs)")
 
 
 def _slurm_options(args: argparse.Namespace):  # noqa: ANN202
@@ -254,10 +280,10 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     """For login nodes with internet: fill the data root and the Hugging Face cache for a config,
     so that compute nodes without internet find everything there."""
     from cl.data.benchmark import build_benchmark
-    from cl.models.backbone import create_backbone
+    from cl.models.backbone import create_backbone, hub_input_hint
 
     cfg = load_cli_config(args.config, args.overrides, None)
-    bench = build_benchmark(cfg.benchmark, cfg.resolved_data_root(), cfg.seed)
+    bench = build_benchmark(cfg.benchmark, cfg.resolved_data_root(), cfg.seed, hub_input_hint(cfg.backbone))
     src = bench.source
     print(f"dataset {cfg.benchmark.dataset.name}: {src.origin} ({len(src.y_train)} train, {len(src.y_test)} test images)")
     if cfg.backbone.weights.source == "hub":

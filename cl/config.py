@@ -52,7 +52,7 @@ def is_path_field(field: Any) -> bool:
 # Keys that cannot change a result: a run may be reused or resumed with other values, and --set on
 # them does not rename the run. Paths (data roots, weights files) are identified by content instead:
 # the data fingerprint and the weights checksum are part of a run's identity (cl.engine.rundir).
-VOLATILE_KEYS = ("progress", "out_dir", "data_root", "cache_dir", "num_threads", "train.checkpoint")
+VOLATILE_KEYS = ("progress", "out_dir", "data_root", "cache_dir", "num_threads", "train.checkpoint", "loader")
 # Keys that place a run directory rather than describe the run.
 PLACEMENT_KEYS = ("experiment", "run_name", "seed")
 
@@ -102,6 +102,11 @@ class DatasetConfig(NamedConfig):
         """Number of classes, known without loading the images (used to validate splits)."""
         raise NotImplementedError
 
+    def load(self, data_root: Path, hint: dict[str, Any] | None = None) -> Any:
+        """The dataset as a :class:`cl.data.sources.SourceData`. ``hint``: a hub backbone's pretrained
+        config (input size, interpolation, crop), which sources of image files decode with."""
+        raise NotImplementedError
+
 
 # --------------------------------------------------------------------------------------------
 # Sections
@@ -132,7 +137,8 @@ class ValidationConfig(Model):
 
 class BenchmarkConfig(Model):
     dataset: Annotated[DatasetConfig, Polymorphic(BENCHMARKS)]
-    scenario: Literal["class_incremental", "task_incremental", "online"] = "class_incremental"
+    scenario: Literal["class_incremental", "task_incremental", "online", "domain_incremental"] = Field(
+        "class_incremental", description="domain_incremental: one domain per experience, every class in each (multi-domain datasets)")
     n_experiences: int = Field(5, ge=1, description="number of experiences, base session included")
     base_classes: int | None = Field(
         None, ge=1, description="classes in the first experience (e.g. 4 for 'B4 Inc2'); null = equal split"
@@ -205,6 +211,8 @@ class BackboneConfig(Model):
     )
     trainable_blocks: int | None = Field(None, ge=1, description="k for freeze: last_k")
     cache_features: bool = Field(True, description="precompute features once when the backbone is frozen")
+    cache_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="dtype of cached features (float16 halves the cache on disk; training sees them as float32)")
     normalize: Literal["auto", "dataset", "imagenet", "none"] = Field(
         "auto", description="input normalisation; auto = the weights' own stats for hub/file, else dataset"
     )
@@ -256,6 +264,35 @@ class ShiftConfig(Model):
     seed: Seed = 0
 
 
+class LoaderConfig(Model):
+    """How images on disk reach the model. Changes speed and memory, never results (not part of a run's identity)."""
+
+    stream: Literal["auto", "always", "never"] = Field(
+        "auto", description="keep image files on disk and decode batches on demand; auto = when decoded they exceed max_in_memory_gb")
+    max_in_memory_gb: float = Field(1.0, ge=0, description="auto streaming threshold (decoded uint8 pixels of both splits)")
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader worker processes decoding streamed images; auto = 0 on CPU, min(8, cores - 1) on a GPU")
+    pin_memory: bool | Literal["auto"] = Field("auto", description="page-locked batches for faster host-to-GPU copies; auto = on CUDA")
+    persistent_workers: bool = Field(True, description="keep workers alive between passes over a pool")
+    prefetch_factor: int = Field(2, ge=1, description="batches each worker decodes ahead")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be >= 0 or 'auto'")
+        return value
+
+    def options(self, device: str) -> Any:
+        """The :class:`cl.data.disk.LoaderOptions` these settings mean on ``device``."""
+        from cl.data.disk import LoaderOptions
+
+        gpu = device in ("cuda", "mps")
+        workers = self.num_workers if self.num_workers != "auto" else (min(8, max(1, (os.cpu_count() or 1) - 1)) if gpu else 0)
+        pin = self.pin_memory if self.pin_memory != "auto" else device == "cuda"
+        return LoaderOptions(workers, bool(pin), self.persistent_workers, self.prefetch_factor, self.stream, self.max_in_memory_gb)
+
+
 class RunConfig(Model):
     experiment: str = Field("default", description="experiment folder below out_dir (up to 4 '/'-separated safe names)")
     run_name: str | None = Field(None, description="run folder name (one safe name); default: strategy name")
@@ -275,6 +312,7 @@ class RunConfig(Model):
     strategy: Annotated[StrategyConfig, Polymorphic(STRATEGIES)]
     train: TrainConfig = Field(default_factory=TrainConfig)
     shift: ShiftConfig = Field(default_factory=ShiftConfig)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
 
     @property
     def name(self) -> str:
@@ -683,6 +721,16 @@ def split_sizes(n_classes: int, n_experiences: int, base_classes: int | None) ->
 def check_benchmark(bench: BenchmarkConfig, prefix: str = "benchmark") -> list[int]:
     """Checks that need the dataset's class count; returns classes per experience."""
     n = bench.dataset.num_classes()
+    if bench.scenario == "domain_incremental":
+        domains = getattr(bench.dataset, "num_domains", None)
+        if domains is None:
+            raise ConfigError(f"{prefix}.scenario: domain_incremental needs a multi-domain dataset (domainnet), not {bench.dataset.name}")
+        if bench.n_experiences != domains():
+            raise ConfigError(f"{prefix}.n_experiences: {bench.n_experiences}, but the stream has one experience per domain ({domains()})")
+        for key in ("base_classes", "class_order"):
+            if getattr(bench, key) is not None:
+                raise ConfigError(f"{prefix}.{key}: not used in the domain-incremental scenario (every experience has every class); remove it")
+        return [n] * domains()
     try:
         sizes = split_sizes(n, bench.n_experiences, bench.base_classes)
     except ValueError as err:
@@ -719,6 +767,11 @@ def check_semantics(cfg: RunConfig) -> None:
         path = Path(cfg.backbone.weights.path or "")
         if not path.is_file():
             raise ConfigError(f"backbone.weights.path: file not found: {path}")
+    if cfg.benchmark.scenario == "domain_incremental":
+        from cl.registry import STRATEGIES
+
+        if not getattr(STRATEGIES.get(cfg.strategy.name), "domain_incremental", False):
+            raise ConfigError(f"strategy.name: {cfg.strategy.name} assumes new classes per experience and does not run domain-incremental streams")
     check = getattr(cfg.strategy, "check", None)
     if check is not None:
         try:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cl.data.disk import as_tensor
+
 
 class ReplayMemory:
     """Storage and sampling shared by the filling policies: rows ``[0, size)`` are valid."""
@@ -166,13 +168,21 @@ class ClassBalancedMemory(ReplayMemory):
             return
         t = _as_task_tensor(t, len(y))
         order = torch.randperm(len(y), generator=self.generator)
-        new = (x.detach().cpu()[order], y.detach().cpu().to(torch.int64)[order], t[order])
-        old = (self.x, self.y, self.t) if self.x is not None else None
-        parts = [old, new] if old is not None else [new]
-        xs, ys, ts = (torch.cat([p[k] for p in parts]) for k in range(3))  # type: ignore[index]
+        n_old = self.size if self.x is not None else 0
+        ys = torch.cat([self.y, y.detach().cpu().to(torch.int64)[order]])
+        ts = torch.cat([self.t, t[order]])
         quotas = balanced_quotas({int(c): int((ys == c).sum()) for c in torch.unique(ys)}, self.capacity)
         keep = torch.cat([torch.nonzero(ys == c).flatten()[:q] for c, q in sorted(quotas.items())])
-        self._set(xs[keep], ys[keep], ts[keep])
+        # Only the kept new samples are gathered (images on disk are decoded here, and only these).
+        from_new = keep >= n_old
+        new_x = x[order[keep[from_new] - n_old]]
+        new_x = as_tensor(new_x).detach().cpu()
+        xs = torch.empty((len(keep), *new_x.shape[1:]), dtype=new_x.dtype)
+        xs[from_new] = new_x
+        if n_old:
+            assert self.x is not None
+            xs[~from_new] = self.x[keep[~from_new]]
+        self._set(xs, ys[keep], ts[keep])
 
 
 def resolve_memory_policy(policy: str, scenario: str) -> str:

@@ -12,7 +12,7 @@ prototypes, as in SimpleCIL. After the first task nothing is trained.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ class APERConfig(OptimConfig):
 
 @STRATEGIES.register("aper", config=APERConfig, help="APER: PEFT on the first session + prototype classifier on [pretrained, adapted] features")
 class APER(Strategy):
+    domain_incremental: ClassVar[bool] = True  # keeps working when a class reappears in a new domain
     input_kind = "images"
     stateful = ("sums", "counts")
 

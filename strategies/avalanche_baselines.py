@@ -39,6 +39,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from cl.data.benchmark import Experience, Split
+from cl.data.disk import as_tensor
 from cl.registry import STRATEGIES
 from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
 
@@ -91,7 +92,7 @@ def to_avalanche_experience(split: Split, index: int, task_id: int = 0) -> Any:
 
     n = len(split)
     dataset = TaskAwareSupervisedClassificationDataset(
-        [torch.utils.data.TensorDataset(split.x, split.y)],
+        [torch.utils.data.TensorDataset(as_tensor(split.x), split.y)],
         data_attributes=[
             DataAttribute(split.y.tolist(), "targets"),
             DataAttribute([task_id] * n, "targets_task_labels", use_in_getitem=True),

@@ -93,6 +93,8 @@ class Strategy:
     max_epochs: ClassVar[int | None] = None
     task_aware_predict: ClassVar[bool] = False
     trains_itself: ClassVar[bool] = False
+    # Runs domain-incremental streams (every class again in each experience); opt-in per strategy
+    domain_incremental: ClassVar[bool] = False
     resumable: ClassVar[bool] = True
     stateful: ClassVar[tuple[str, ...]] = ()
 

@@ -164,9 +164,7 @@ class ConFiT(Strategy):
     def after_experience(self, exp: Experience) -> None:
         self.bank[exp.task_id] = self._snapshot()
         self.reference.eval()
-        for start in range(0, len(exp.train), self.ctx.train.eval_batch_size):
-            xb = exp.train.x[start : start + self.ctx.train.eval_batch_size]
-            yb = exp.train.y[start : start + self.ctx.train.eval_batch_size]
+        for xb, yb in exp.train.batches(self.ctx.train.eval_batch_size):
             self.prototypes.add(self.reference(self.ctx.backbone.transform(xb, self.device)), yb)
         self._version += 1
 

@@ -10,7 +10,7 @@ features or uint8 images).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -34,6 +34,7 @@ class ERConfig(OptimConfig):
 
 @STRATEGIES.register("er", config=ERConfig, help="experience replay with a linear head")
 class ER(Finetune):
+    domain_incremental: ClassVar[bool] = True  # keeps working when a class reappears in a new domain
     stateful = ("head", "_memory")
 
     def __init__(self, cfg: ERConfig, ctx: StrategyContext) -> None:

@@ -6,7 +6,7 @@ the backbone, if the freeze policy trains it) drifts towards the latest experien
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,7 @@ class FinetuneConfig(OptimConfig):
 @STRATEGIES.register("finetune", config=FinetuneConfig, help="naive fine-tuning of a linear head (lower bound)")
 class Finetune(Strategy):
     """Linear head over the whole label space; the loss only covers classes seen so far."""
+    domain_incremental: ClassVar[bool] = True  # keeps working when a class reappears in a new domain
 
     stateful = ("head",)
 

@@ -25,7 +25,7 @@ batch by batch as they arrive (one pass).
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +97,7 @@ class CosineHead(nn.Module):
 
 @STRATEGIES.register("ranpac", config=RanPACConfig, help="RanPAC: first-session PEFT, then random projection + ridge classifier")
 class RanPAC(Strategy):
+    domain_incremental: ClassVar[bool] = True  # keeps working when a class reappears in a new domain
     stateful = ("G", "C", "W_rand", "ridge")
 
     @classmethod

@@ -10,7 +10,7 @@ runs unchanged in the online scenario.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ def prototype_scores(features: Tensor, prototypes: Tensor, known: Tensor, metric
 
 @STRATEGIES.register("simplecil", config=SimpleCILConfig, help="prototype classifier on frozen features (SimpleCIL)")
 class SimpleCIL(Strategy):
+    domain_incremental: ClassVar[bool] = True  # keeps working when a class reappears in a new domain
     max_epochs = 1
     stateful = ("sums", "counts")
 

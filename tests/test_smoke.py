@@ -22,7 +22,7 @@ from cl.cli import load_cli_config, main
 from cl.config import load_yaml, read_yaml
 from cl.engine.loop import run
 from cl.engine.sweep import plan_suite
-from tests.fakes import write_cifar, write_cub, write_image_folder
+from tests.fakes import write_cifar, write_cub, write_domainnet, write_image_folder, write_imagenet_variant
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 RUNS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "base.yaml" and "tuning" not in p.parts and "suite" not in read_yaml(p))
@@ -36,6 +36,8 @@ def fake_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_cifar(root, 100, per_file=400)
     write_cub(root)
     write_image_folder(root / "image_folder", 200)
+    write_imagenet_variant(root, "imagenet-r", "folders")
+    write_domainnet(root, domains=("real", "quickdraw"))
     return root
 
 
@@ -45,11 +47,16 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def smoke_overrides(path: Path, fake: Path, cache: Path) -> list[str]:
-    dataset = load_yaml(path)["benchmark"]["dataset"]["name"]
+    benchmark = load_yaml(path)["benchmark"]
+    dataset = benchmark["dataset"]["name"]
     out = [f"cache_dir={cache}", "progress=false"]
     gpu_scale = dataset not in OFFLINE
     if gpu_scale:
         out += [f"data_root={fake}", "backbone.weights.source=none", "benchmark.n_experiences=2"]
+        if benchmark["dataset"].get("image_size", 0) is None:  # the hub tag's size, without the hub
+            out.append("benchmark.dataset.image_size=224")
+        if benchmark.get("scenario") == "domain_incremental":  # one experience per domain: the first two
+            out.append("benchmark.dataset.domains=[real,quickdraw]")
     if dataset == "image_folder":
         out.append(f"benchmark.dataset.root={fake / 'image_folder'}")
     return out
@@ -77,9 +84,14 @@ def test_every_run_config_smokes(path: Path, tmp_path: Path, fake_data: Path, ca
     check_run_dir(cfg.run_dir())
 
 
-@pytest.mark.parametrize("path", SUITES, ids=lambda p: p.name)
+def _suite_base(path: Path) -> Path:
+    return path.parent / read_yaml(path)["config"]
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=_marks(_suite_base(p)).marks, id=p.name) for p in SUITES])
 def test_every_suite_entry_smokes(path: Path, tmp_path: Path, fake_data: Path, cache: Path):
-    suite, planned = plan_suite(path, [f"cache_dir={cache}", "progress=false"], str(tmp_path / "runs"), smoke=True)
+    overrides = smoke_overrides(_suite_base(path), fake_data, cache)
+    suite, planned = plan_suite(path, overrides, str(tmp_path / "runs"), smoke=True)
     first = [p for p in planned if p.seed == suite.seeds[0]]
     for planned_run in first:
         run(planned_run.cfg)

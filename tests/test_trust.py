@@ -267,31 +267,29 @@ def test_suite_overrides_keep_backbone_siblings(tmp: Path, shared_cache: Path):
 
 
 def _feature_cache(cache: Path) -> Path:
-    files = list((cache / "features").glob("*.safetensors"))
-    assert len(files) == 1, files
-    return files[0]
+    entries = [p for p in (cache / "features").iterdir() if p.is_dir()]
+    assert len(entries) == 1, entries
+    return entries[0]
 
 
-@pytest.mark.parametrize("damage", ["zeroed", "truncated", "key_less"])
-def test_a_damaged_feature_cache_is_rebuilt_with_a_warning(tmp: Path, capsys, damage: str):
-    from safetensors.torch import load_file, save_file
-
+@pytest.mark.parametrize(("damage", "warning"), [
+    ("zeroed", "chunk.* damaged"), ("truncated", "is unusable"), ("state_of_another_entry", "is unusable")])
+def test_a_damaged_feature_cache_is_rebuilt_with_a_warning(tmp: Path, capsys, damage: str, warning: str):
     cache = tmp / "cache"
     config = tiny_config(tmp, cache_dir=str(cache), strategy={"name": "simplecil"}, out_dir=str(tmp / "ref"))
     reference = run(parse_run_config(config))
-    path = _feature_cache(cache)
-    if damage == "zeroed":  # valid file, same shapes, wrong bytes (the old metadata kept)
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata()
-        save_file({k: torch.zeros_like(v) for k, v in load_file(str(path)).items()}, str(path), metadata=meta)
+    entry = _feature_cache(cache)
+    data = entry / "train.bin"
+    if damage == "zeroed":  # same size, wrong bytes (the old checksums kept)
+        data.write_bytes(bytes(data.stat().st_size))
     elif damage == "truncated":
-        path.write_bytes(path.read_bytes()[:200])
+        data.write_bytes(data.read_bytes()[:200])
     else:
-        save_file({"train": load_file(str(path))["train"]}, str(path))
+        state = json.loads((entry / "state.json").read_text())
+        state["meta"]["dim"] += 1
+        (entry / "state.json").write_text(json.dumps(state))
     write_yaml(tmp / "cfg.yaml", {**config, "out_dir": str(tmp / "runs")})
-    with pytest.warns(UserWarning, match="feature cache .* is unusable"):
+    with pytest.warns(UserWarning, match=f"feature cache .* {warning}"):
         code, _, _ = cli(capsys, "run", str(tmp / "cfg.yaml"))
     metrics = json.loads((tmp / "runs" / "tiny" / "simplecil" / "seed0" / "metrics.json").read_text())
     assert code == 0 and metrics["feature_cache"] == "miss" and metrics["acc_matrix"] == reference["acc_matrix"]

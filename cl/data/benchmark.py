@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from cl.config import BenchmarkConfig, check_benchmark
+from cl.data import disk
+from cl.data.disk import DiskImages, as_tensor, iterate_batches
 from cl.data.sources import SourceData
 from cl.errors import DataError
 from cl.data.transforms import BatchTransform
@@ -29,10 +31,11 @@ from cl.utils import tensor_sha256
 class Split:
     """Inputs and (reordered) labels of one experience's train or test data.
 
-    ``x`` holds uint8 images, or float features once the frozen-feature cache has been applied.
+    ``x`` holds uint8 images (a tensor, or :class:`DiskImages` decoded batch by batch), or float
+    features once the frozen-feature cache has been applied.
     """
 
-    x: Tensor
+    x: Tensor | DiskImages
     y: Tensor
 
     def __len__(self) -> int:
@@ -46,6 +49,9 @@ class Split:
         """
         n = len(self)
         if generator is None:
+            if isinstance(self.x, DiskImages):
+                yield from zip(iterate_batches(self.x, batch_size), (self.y[s : s + batch_size] for s in range(0, n, batch_size)))
+                return
             for start in range(0, n, batch_size):
                 yield self.x[start : start + batch_size], self.y[start : start + batch_size]
             return
@@ -53,8 +59,11 @@ class Split:
         starts = list(range(0, n, batch_size))
         if len(starts) > 1 and n - starts[-1] == 1:
             starts.pop()
-        for i, start in enumerate(starts):
-            idx = order[start : starts[i + 1] if i + 1 < len(starts) else n]
+        plan = [order[start : starts[i + 1] if i + 1 < len(starts) else n] for i, start in enumerate(starts)]
+        if isinstance(self.x, DiskImages):  # decoded as the batches are consumed (in loader workers if set)
+            yield from zip(self.x.iterate(plan), (self.y[idx] for idx in plan))
+            return
+        for idx in plan:
             yield self.x[idx], self.y[idx]
 
 
@@ -164,7 +173,11 @@ class Benchmark:
         files hash the same still changes it."""
         s = self.source
         names = hashlib.sha256("\n".join(s.classes).encode()).hexdigest()
-        return hashlib.sha256(f"{tensor_sha256(s.x_train, s.y_train, s.x_test, s.y_test)}:{names}".encode()).hexdigest()
+        if s.pools_digest is None and not s.streamed:
+            pools = tensor_sha256(s.x_train, s.y_train, s.x_test, s.y_test)  # type: ignore[arg-type]
+        else:  # files: their bytes and decoding, whether streamed or decoded into memory
+            pools = hashlib.sha256(f"{s.pools_sha256()}:{tensor_sha256(s.y_train, s.y_test)}".encode()).hexdigest()
+        return hashlib.sha256(f"{pools}:{names}".encode()).hexdigest()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -175,11 +188,14 @@ class Benchmark:
             "class_order": self.class_order,
             "class_names": self.class_names,
             "classes_per_experience": [len(e.classes) for e in self.experiences],
+            "domains": self.source.domain_names if self.scenario == "domain_incremental" else None,
             "train_samples_per_experience": [len(e.train) for e in self.experiences],
             "validation_samples_per_experience": [len(e.val) for e in self.experiences] if self.has_validation else None,
             "test_samples_per_experience": [len(e.test) for e in self.experiences],
             "input_shape": list(self.input_shape),
             "transform": self.transform.to_dict(),
+            "decode": self.source.decode.to_dict() if self.source.decode else None,
+            "streamed": self.source.streamed,
         }
 
 
@@ -242,16 +258,19 @@ def make_transform(
         if channels != source.channels:  # stats of the converted images
             lum_mean, lum_std = sum(mean) / len(mean), sum(std) / len(std)
             mean, std = [lum_mean] * channels, [lum_std] * channels
+    # a constant channel (std 0) would divide by zero: floor the std at one grey level
+    std = [max(s, 1 / 255) for s in std]
     return BatchTransform(source.channels, channels, cfg.image_size, tuple(mean), tuple(std))
 
 
-def build_benchmark(cfg: BenchmarkConfig, data_root: Path, seed: int) -> Benchmark:
+def build_benchmark(cfg: BenchmarkConfig, data_root: Path, seed: int, hint: dict[str, Any] | None = None) -> Benchmark:
     """Load the dataset and split it into an Avalanche class-/task-incremental stream.
 
     Args:
         cfg: the benchmark section of a run config.
         data_root: where datasets are looked for and downloaded to.
         seed: the run seed; the class order uses ``cfg.class_order_seed`` if set, else this.
+        hint: a hub backbone's pretrained config; sources of image files decode with it.
 
     Returns:
         The benchmark, whose experiences hold uint8 images and labels ``0..n_classes-1`` in order
@@ -260,13 +279,21 @@ def build_benchmark(cfg: BenchmarkConfig, data_root: Path, seed: int) -> Benchma
     from avalanche.benchmarks import nc_benchmark
 
     sizes = check_benchmark(cfg)
-    full = cfg.dataset.load(data_root)
-    train_keep = subsample_per_class(full.y_train, cfg.train_per_class, cfg.subsample_seed)
-    test_keep = subsample_per_class(full.y_test, cfg.test_per_class, cfg.subsample_seed + 1)
-    source = SourceData(
-        full.x_train[train_keep], full.y_train[train_keep], full.x_test[test_keep], full.y_test[test_keep],
-        full.classes, full.fingerprint, full.origin,
-    )
+    full = cfg.dataset.load(data_root, hint)
+    n_cls = len(full.classes)
+    # per class, or per (domain, class) in multi-domain data: a small subsample keeps every domain
+    train_keys = full.y_train if full.domains_train is None else full.domains_train * n_cls + full.y_train
+    test_keys = full.y_test if full.domains_test is None else full.domains_test * n_cls + full.y_test
+    train_keep = subsample_per_class(train_keys, cfg.train_per_class, cfg.subsample_seed)
+    test_keep = subsample_per_class(test_keys, cfg.test_per_class, cfg.subsample_seed + 1)
+    source = keep_or_stream(replace(
+        full, x_train=full.x_train[train_keep], y_train=full.y_train[train_keep], x_test=full.x_test[test_keep],
+        y_test=full.y_test[test_keep], pools_digest=None,
+        domains_train=None if full.domains_train is None else full.domains_train[train_keep],
+        domains_test=None if full.domains_test is None else full.domains_test[test_keep],
+    ))
+    if cfg.scenario == "domain_incremental":
+        return _domain_benchmark(cfg, source)
     _check_every_class(source)
     order = make_class_order(len(source.classes), cfg.class_order, seed if cfg.class_order_seed is None else cfg.class_order_seed)
     transform = make_transform(source, cfg)
@@ -311,6 +338,50 @@ def build_benchmark(cfg: BenchmarkConfig, data_root: Path, seed: int) -> Benchma
         )
     native = (int(source.x_train.shape[-2]), int(source.x_train.shape[-1]))
     return Benchmark(cfg, source, order, experiences, transform, scenario, native)
+
+
+def _domain_benchmark(cfg: BenchmarkConfig, source: SourceData) -> Benchmark:
+    """One experience per domain, in the dataset's domain order; the label space is shared (identity
+    class order) and every experience is tested on its own domain's test images."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+
+    assert source.domains_train is not None and source.domains_test is not None and source.domain_names is not None
+    n = len(source.classes)
+    order = list(range(n))
+    transform = make_transform(source, cfg)
+    experiences, av_train, av_test = [], [], []
+    for d, name in enumerate(source.domain_names):
+        train_ids = torch.nonzero(source.domains_train == d).flatten()
+        test_ids = torch.nonzero(source.domains_test == d).flatten()
+        if not len(train_ids) or not len(test_ids):
+            raise DataError(f"{source.origin}: domain '{name}' has no {'train' if not len(train_ids) else 'test'} images")
+        val_ids = None
+        if cfg.validation is not None:
+            train_ids, val_ids = split_validation(source.y_train, train_ids, cfg.validation.fraction, cfg.validation.per_class,
+                                                  cfg.validation.seed, source.classes)
+        experiences.append(Experience(
+            index=d, classes=order, train=Split(source.x_train[train_ids], source.y_train[train_ids]),
+            test=Split(source.x_test[test_ids], source.y_test[test_ids]), train_ids=train_ids, test_ids=test_ids,
+            val=None if val_ids is None else Split(source.x_train[val_ids], source.y_train[val_ids]), val_ids=val_ids,
+        ))
+        av_train.append(_avalanche_dataset(source.x_train[train_ids], source.y_train[train_ids], transform))
+        av_test.append(_avalanche_dataset(source.x_test[test_ids], source.y_test[test_ids], transform))
+    scenario = benchmark_from_datasets(train=av_train, test=av_test)
+    native = (int(source.x_train.shape[-2]), int(source.x_train.shape[-1]))
+    return Benchmark(cfg, source, order, experiences, transform, scenario, native)
+
+
+def keep_or_stream(source: SourceData) -> SourceData:
+    """File-backed pools stay on disk when ``loader.stream`` says so (``auto``: when decoded they would
+    take more than ``loader.max_in_memory_gb``); otherwise they are decoded into memory once. Either
+    way the run sees the same pixels and has the same identity."""
+    if not source.streamed:
+        return source
+    decoded = sum(x.nbytes_decoded for x in (source.x_train, source.x_test) if isinstance(x, DiskImages))
+    opts = disk.LOADER
+    if opts.stream == "always" or (opts.stream == "auto" and decoded > opts.max_in_memory_gb * 2**30):
+        return source
+    return replace(source, x_train=as_tensor(source.x_train), x_test=as_tensor(source.x_test), pools_digest=source.pools_sha256())
 
 
 def split_validation(

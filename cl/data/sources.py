@@ -14,16 +14,17 @@ import io
 import math
 import pickle
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from cl.config import DatasetConfig, PathField, Seed
+from cl.data.disk import INTERPOLATIONS, Decode, DiskImages, ImageFiles, cat_images, channel_stats_exact, images_sha256
 from cl.errors import DataError
 from cl.registry import BENCHMARKS
 
@@ -34,15 +35,31 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 class SourceData:
     """A whole dataset in memory, with original (not yet reordered) labels."""
 
-    x_train: Tensor  # uint8 [N, C, H, W]
+    x_train: Tensor | DiskImages  # uint8 [N, C, H, W], in memory or decoded from files on demand
     y_train: Tensor  # int64 [N]
-    x_test: Tensor
+    x_test: Tensor | DiskImages
     y_test: Tensor
     classes: list[str]
     fingerprint: str  # sha256 of the bytes the data came from, for cache keys and provenance
     origin: str  # where it was read from
+    pools_digest: str | None = None  # set when file-backed pools were decoded into memory: their file identity
+    decode: Decode | None = None  # how image files were decoded (file-backed sources)
+    domains_train: Tensor | None = None  # int64 [N]: domain of each sample (multi-domain sources)
+    domains_test: Tensor | None = None
+    domain_names: list[str] | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.x_train, DiskImages) or isinstance(self.x_test, DiskImages)
+
+    def pools_sha256(self) -> str:
+        """sha256 of the two image pools: their bytes, or for files the files' bytes and decoding (the
+        same whether they are streamed or were decoded into memory)."""
+        return self.pools_digest or images_sha256(self.x_train, self.x_test)
 
     def __post_init__(self) -> None:
+        if self.decode is None and isinstance(self.x_train, DiskImages):
+            self.decode = self.x_train.files.decode
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
             if x.dtype != torch.uint8 or x.ndim != 4:
                 raise DataError(f"{self.origin}: {split} images must be uint8 [N, C, H, W], got {x.dtype} {tuple(x.shape)}")
@@ -59,8 +76,12 @@ class SourceData:
         """Per-channel mean and std of the training images, in [0, 1] units.
 
         Computed from exact integer sums: a floating-point reduction's last bits depend on the
-        thread count, and these numbers are part of cache keys shared across processes.
+        thread count, and these numbers are part of cache keys shared across processes. Images on
+        disk are measured on a seeded subsample of 2048 (:func:`cl.data.disk.channel_stats_exact`).
         """
+        if isinstance(self.x_train, DiskImages):
+            means, stds, _ = channel_stats_exact(self.x_train)
+            return means, stds
         x = self.x_train.transpose(0, 1).reshape(self.channels, -1).to(torch.int64)
         n = x.shape[1]
         s1 = x.sum(dim=1).tolist()
@@ -179,7 +200,7 @@ class FashionMNISTConfig(DatasetConfig):
             data_root / "FashionMNIST" / "raw",  # torchvision's layout
         ]
 
-    def load(self, data_root: Path) -> SourceData:
+    def load(self, data_root: Path, hint: dict[str, Any] | None = None) -> SourceData:
         places = self.candidates(data_root)
         for place in places:
             if _find_idx(place, MNIST_FILES["train_x"]) is not None:
@@ -214,7 +235,7 @@ class DigitsConfig(DatasetConfig):
     def num_classes(self) -> int:
         return 10
 
-    def load(self, data_root: Path) -> SourceData:
+    def load(self, data_root: Path, hint: dict[str, Any] | None = None) -> SourceData:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
@@ -323,7 +344,7 @@ class _CifarConfig(DatasetConfig):
     def num_classes(self) -> int:
         return self.N
 
-    def load(self, data_root: Path) -> SourceData:
+    def load(self, data_root: Path, hint: dict[str, Any] | None = None) -> SourceData:
         root = Path(self.root) if self.root else data_root
         folder = CIFAR_LAYOUT[self.N][0]
         if not (root / folder).is_dir():
@@ -358,28 +379,56 @@ class Cifar100Config(_CifarConfig):
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def read_image(path: Path, mode: str, size: int, digest: Any = None) -> Tensor:
-    """One image file as uint8 [C, size, size] (bilinear resize); ``digest`` is updated with its bytes."""
-    from PIL import Image, UnidentifiedImageError
+class FileDatasetConfig(DatasetConfig):
+    """A dataset of image files: decoded lazily (:mod:`cl.data.disk`) at ``image_size``.
 
-    raw = path.read_bytes()
-    if digest is not None:
-        digest.update(raw)
-    try:
-        img = Image.open(io.BytesIO(raw)).convert(mode).resize((size, size), Image.BILINEAR)
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{path}: unreadable image ({err})") from None
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.reshape(size, size, -1).copy()).permute(2, 0, 1)
+    ``resize``/``interpolation``/``crop_pct`` set to ``auto`` follow the pretrained config of a hub
+    backbone (timm's evaluation transform for its tag) and are ``squash``/``bilinear`` otherwise.
+    """
+
+    image_size: int | None = Field(None, ge=1, description="decoded image side; null = the hub backbone's input size")
+    resize: Literal["auto", "squash", "crop"] = Field(
+        "auto", description="squash = scale to a square; crop = shorter side to image_size/crop_pct, centre crop (timm eval)")
+    crop_pct: float | None = Field(None, gt=0, le=1, description="for resize: crop; null = the hub tag's, else 0.875")
+    interpolation: Literal["auto", "nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "auto"
+
+    MODE: ClassVar[str] = "RGB"
+
+    def decode(self, hint: dict[str, Any] | None = None) -> Decode:
+        """The decode settings, with ``auto`` resolved from a hub backbone's pretrained config ``hint``."""
+        hint = hint or {}
+        size = self.image_size or (hint.get("input_size") or [None])[-1]
+        if size is None:
+            raise DataError(f"benchmark.dataset.image_size: required for {self.name} unless the backbone has hub weights (whose input size it takes)")
+        resize = self.resize if self.resize != "auto" else ("crop" if hint.get("crop_mode", "center") == "center" and hint else "squash")
+        crop_pct = self.crop_pct or float(hint.get("crop_pct") or 0.875)
+        interpolation = self.interpolation if self.interpolation != "auto" else str(hint.get("interpolation") or "bilinear")
+        if interpolation not in INTERPOLATIONS:
+            interpolation = "bicubic"  # timm's "random"/unknown modes: its evaluation transform uses bicubic
+        return Decode(int(size), self.MODE, resize, crop_pct if resize == "crop" else 1.0, interpolation)
 
 
-@BENCHMARKS.register("image_folder", help="any root/{train,test}/<class>/<image> tree, resized at load")
-class ImageFolderConfig(DatasetConfig):
+def file_split(paths: list[Path], decode: Decode) -> DiskImages:
+    return DiskImages(ImageFiles(paths, decode))
+
+
+def listing_fingerprint(names: list[str], pools: list[DiskImages], labels: list[int], *extra: str) -> str:
+    """sha256 of a file listing: names, labels and file bytes (where a file sits is part of the data)."""
+    h = hashlib.sha256()
+    for text in extra:
+        h.update(text.encode())
+    digests = [d for p in pools for d in p.files.digests]
+    for name, digest, label in zip(names, digests, labels, strict=True):
+        h.update(f"{name}\t{label}\t{digest}\n".encode())
+    return h.hexdigest()
+
+
+@BENCHMARKS.register("image_folder", help="any root/{train,test}/<class>/<image> tree, decoded lazily")
+class ImageFolderConfig(FileDatasetConfig):
     name: Literal["image_folder"] = "image_folder"
     root: str = PathField(description="folder with one sub-folder per split")
     train_dir: str = "train"
     test_dir: str = "test"
-    image_size: int = Field(ge=1, description="images are resized to this square size when loaded")
     channels: Literal[1, 3] = 3
 
     def _classes(self) -> list[str]:
@@ -394,35 +443,31 @@ class ImageFolderConfig(DatasetConfig):
     def num_classes(self) -> int:
         return len(self._classes())
 
-    def load(self, data_root: Path) -> SourceData:
+    def load(self, data_root: Path, hint: dict[str, Any] | None = None) -> SourceData:
         classes = self._classes()
-        mode = "L" if self.channels == 1 else "RGB"
-        h = hashlib.sha256()
+        decode = replace(self.decode(hint), mode="L" if self.channels == 1 else "RGB")
 
-        def read(split: str) -> tuple[Tensor, Tensor]:
-            xs, ys = [], []
+        def read(split: str) -> tuple[DiskImages, list[int], list[str]]:
             base = Path(self.root) / split
             if not base.is_dir():
                 raise DataError(f"image folder not found: {base}")
             extra = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name not in classes)
             if extra:
                 raise DataError(f"{base}: classes {extra} are not in {self.train_dir}/")
+            paths, labels, names = [], [], []
             for label, cls in enumerate(classes):
                 folder = base / cls
                 files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
                 if not files:  # every class needs train and test images, or its accuracy is undefined
                     raise DataError(f"{folder}: class '{cls}' has no images in {split}/")
-                for path in files:
-                    h.update(f"{split}/{cls}/{path.name}\n".encode())  # where a file sits is part of the data
-                    xs.append(read_image(path, mode, self.image_size, h))
-                    ys.append(label)
-            if not xs:
-                raise DataError(f"{base}: no images found")
-            return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+                paths += files
+                labels += [label] * len(files)
+                names += [f"{split}/{cls}/{p.name}" for p in files]
+            return file_split(paths, decode), labels, names
 
-        x_train, y_train = read(self.train_dir)
-        x_test, y_test = read(self.test_dir)
-        return SourceData(x_train, y_train, x_test, y_test, classes, h.hexdigest(), str(self.root))
+        (xtr, ytr, ntr), (xte, yte, nte) = read(self.train_dir), read(self.test_dir)
+        fingerprint = listing_fingerprint(ntr + nte, [xtr, xte], ytr + yte)
+        return SourceData(xtr, torch.tensor(ytr), xte, torch.tensor(yte), classes, fingerprint, str(self.root))
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,17 +475,34 @@ class ImageFolderConfig(DatasetConfig):
 # --------------------------------------------------------------------------------------------
 
 
+def read_table(path: Path, digest: Any = None) -> dict[str, str]:
+    """A '<id> <value>' metadata file (CUB's images.txt, ...) as a dict; its text updates ``digest``."""
+    if not path.is_file():
+        raise DataError(f"{path.parent}: missing data file {path.name}")
+    text = path.read_text()
+    if digest is not None:
+        digest.update(text.encode())  # labels and the split are part of the data, not only the pixels
+    rows = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            parts = line.split(maxsplit=1)
+            if len(parts) != 2:
+                raise DataError(f"{path}:{n}: expected '<id> <value>', got {line.strip()[:40]!r}")
+            rows[parts[0]] = parts[1].strip()
+    return rows
+
+
 @BENCHMARKS.register("cub200", help="CUB-200-2011, 200 bird classes (official split; Avalanche download)")
-class CUB200Config(DatasetConfig):
+class CUB200Config(FileDatasetConfig):
     name: Literal["cub200"] = "cub200"
     root: str | None = PathField(None, description="directory containing CUB_200_2011/ (default: the data root)")
-    image_size: int = Field(224, ge=1, description="images are resized to this square size when loaded")
+    image_size: int | None = Field(224, ge=1, description="decoded image side; null = the hub backbone's input size")
     download: bool = Field(True, description="download with Avalanche's CUB200 if not found")
 
     def num_classes(self) -> int:
         return 200
 
-    def load(self, data_root: Path) -> SourceData:
+    def load(self, data_root: Path, hint: dict[str, Any] | None = None) -> SourceData:
         root = Path(self.root) if self.root else data_root
         base = root / "CUB_200_2011"
         if not (base / "images.txt").is_file():
@@ -455,43 +517,218 @@ class CUB200Config(DatasetConfig):
                 raise DataError(f"CUB-200-2011 not found in {base} and download failed ({type(err).__name__})") from None
 
         h = hashlib.sha256()
-
-        def table(name: str) -> dict[str, str]:
-            path = base / name
-            if not path.is_file():
-                raise DataError(f"{base}: missing data file {name}")
-            text = path.read_text()
-            h.update(text.encode())  # labels and the split are part of the data, not only the pixels
-            rows = {}
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    parts = line.split(maxsplit=1)
-                    if len(parts) != 2:
-                        raise DataError(f"{path}:{n}: expected '<id> <value>', got {line.strip()[:40]!r}")
-                    rows[parts[0]] = parts[1].strip()
-            return rows
-
-        paths, labels, split = table("images.txt"), table("image_class_labels.txt"), table("train_test_split.txt")
-        classes_file = table("classes.txt") if (base / "classes.txt").is_file() else {}
-        parts: dict[str, tuple[list[Tensor], list[int]]] = {"1": ([], []), "0": ([], [])}
+        paths, labels, split = (read_table(base / n, h) for n in ("images.txt", "image_class_labels.txt", "train_test_split.txt"))
+        classes_file = read_table(base / "classes.txt", h) if (base / "classes.txt").is_file() else {}
+        parts: dict[str, tuple[list[Path], list[int]]] = {"1": ([], []), "0": ([], [])}
         try:
-            ids = sorted(paths, key=int)
-            for image_id in ids:
+            for image_id in sorted(paths, key=int):
                 label, where = int(labels[image_id]) - 1, split[image_id]
                 if where not in parts or not 0 <= label < 200:
                     raise ValueError(f"image {image_id}: split {where!r}, label {label + 1}")
-                xs, ys = parts[where]
-                xs.append(read_image(base / "images" / paths[image_id], "RGB", self.image_size, h))
-                ys.append(label)
+                parts[where][0].append(base / "images" / paths[image_id])
+                parts[where][1].append(label)
         except KeyError as err:
             raise DataError(f"{base}: image id {err} is missing from a metadata file") from None
         except ValueError as err:
             raise DataError(f"{base}: malformed metadata ({err})") from None
         names = [classes_file.get(str(i + 1), str(i + 1)).strip() for i in range(200)]
-        (xtr, ytr), (xte, yte) = parts["1"], parts["0"]
-        if not xtr or not xte:
+        (ptr, ytr), (pte, yte) = parts["1"], parts["0"]
+        if not ptr or not pte:
             raise DataError(f"{base}: empty train or test split")
-        return SourceData(torch.stack(xtr), torch.tensor(ytr), torch.stack(xte), torch.tensor(yte), names, h.hexdigest(), str(base))
+        decode = self.decode(hint)
+        xtr, xte = file_split(ptr, decode), file_split(pte, decode)
+        for digest in xtr.files.digests + xte.files.digests:
+            h.update(bytes.fromhex(digest))
+        return SourceData(xtr, torch.tensor(ytr), xte, torch.tensor(yte), names, h.hexdigest(), str(base))
+
+
+# --------------------------------------------------------------------------------------------
+# ImageNet-R / ImageNet-A (the splits of the pretrained-model CL literature) and DomainNet
+# --------------------------------------------------------------------------------------------
+
+
+def _folder_listing(base: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """Files of ``base/<class>/*`` (classes: sorted sub-folders, as torchvision's ImageFolder labels them)."""
+    if not base.is_dir():
+        raise DataError(f"data folder not found: {base}")
+    classes = classes or sorted(p.name for p in base.iterdir() if p.is_dir())
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        folder = base / cls
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        paths += files
+        labels += [label] * len(files)
+    return paths, labels, classes
+
+
+class _ImageNetVariantConfig(FileDatasetConfig):
+    """ImageNet-R / -A in one of the layouts the pretrained-model CL papers use.
+
+    ``split: folders`` - ``<folder>/{train,test}/<wnid>/`` as in the pre-split archives of APER,
+    RanPAC and EASE (labels: sorted wnids, as torchvision's ImageFolder gives them).
+    ``split: lists`` - CODA-Prompt's split files (``<folder>_train.yaml`` / ``<folder>_test.yaml``: a
+    ``data`` list of paths ending in ``<folder>/<wnid>/<file>`` and a ``targets`` list) over the
+    original archive ``<folder>/<wnid>/``.
+    ``split: random`` - the original archive split at random, ``test_fraction`` of all images to test
+    (a global split like L2P's; the same draw as TFDS's slicing is not reproducible outside TFDS).
+    """
+
+    root: str | None = PathField(None, description="directory containing the dataset folder (default: the data root)")
+    split: Literal["folders", "lists", "random"] = "folders"
+    train_list: str | None = PathField(None, description="split: lists - the train list (default: <root>/<folder>_train.yaml)")
+    test_list: str | None = PathField(None, description="split: lists - the test list (default: <root>/<folder>_test.yaml)")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="split: random - share of all images held out for test")
+    split_seed: Seed = 0
+    image_size: int | None = Field(224, ge=1, description="decoded image side; null = the hub backbone's input size")
+
+    FOLDER: ClassVar[str] = ""
+    URL: ClassVar[str] = ""
+
+    def num_classes(self) -> int:
+        return 200
+
+    def load(self, data_root: Path, hint: dict[str, Any] | None = None) -> SourceData:
+        root = Path(self.root) if self.root else data_root
+        base = root / self.FOLDER
+        if not base.is_dir():
+            raise DataError(f"{self.FOLDER} not found in {root} (download {self.URL} and extract it there; no automatic download)")
+        h = hashlib.sha256(f"{self.name}:{self.split}".encode())
+        if self.split == "folders":
+            ptr, ytr, classes = _folder_listing(base / "train")
+            pte, yte, _ = _folder_listing(base / "test", classes)
+            extra = sorted(p.name for p in (base / "test").iterdir() if p.is_dir() and p.name not in classes)
+            if extra:
+                raise DataError(f"{base / 'test'}: classes {extra[:3]} are not in {base / 'train'}")
+        elif self.split == "random":
+            paths, labels, classes = _folder_listing(base)
+            g = torch.Generator().manual_seed(self.split_seed)
+            test = torch.zeros(len(paths), dtype=torch.bool)
+            test[torch.randperm(len(paths), generator=g)[: round(len(paths) * self.test_fraction)]] = True
+            ptr = [p for p, t in zip(paths, test.tolist()) if not t]
+            ytr = [y for y, t in zip(labels, test.tolist()) if not t]
+            pte = [p for p, t in zip(paths, test.tolist()) if t]
+            yte = [y for y, t in zip(labels, test.tolist()) if t]
+            h.update(f"{self.test_fraction}:{self.split_seed}".encode())
+        else:
+            (ptr, ytr, wtr), (pte, yte, wte) = (self._read_list(base, root, which, h) for which in ("train", "test"))
+            wnid: dict[int, str] = {}
+            for y, w in zip(ytr + yte, wtr + wte):
+                if wnid.setdefault(y, w) != w:
+                    raise DataError(f"{self.name} split lists: label {y} names both {wnid[y]} and {w}")
+            classes = [wnid.get(i, str(i)) for i in range(max(wnid) + 1)] if wnid else []
+        if len(classes) != self.num_classes():
+            raise DataError(f"{base}: {len(classes)} classes found, {self.name} has {self.num_classes()}")
+        decode = self.decode(hint)
+        xtr, xte = file_split(ptr, decode), file_split(pte, decode)
+        names = [str(Path(p).relative_to(base)) for p in ptr + pte]
+        fingerprint = listing_fingerprint(names, [xtr, xte], ytr + yte, h.hexdigest())
+        return SourceData(xtr, torch.tensor(ytr, dtype=torch.int64), xte, torch.tensor(yte, dtype=torch.int64), classes, fingerprint, str(base))
+
+    def _read_list(self, base: Path, root: Path, which: str, digest: Any) -> tuple[list[Path], list[int], list[str]]:
+        import yaml
+
+        given = self.train_list if which == "train" else self.test_list
+        path = Path(given) if given else root / f"{self.FOLDER}_{which}.yaml"
+        if not path.is_file():
+            raise DataError(f"{self.name} split list not found: {path}")
+        text = path.read_text()
+        digest.update(text.encode())
+        try:
+            doc = yaml.safe_load(text)
+            data, targets = [str(p) for p in doc["data"]], [int(t) for t in doc["targets"]]
+        except Exception as err:  # noqa: BLE001 - any malformed list is one line
+            raise DataError(f"{path}: not a split list with 'data' and 'targets' lists ({type(err).__name__})") from None
+        if len(data) != len(targets):
+            raise DataError(f"{path}: {len(data)} paths but {len(targets)} targets")
+        paths, wnids = [], []
+        for entry in data:
+            parts = Path(entry).parts
+            if self.FOLDER not in parts or len(parts) - parts.index(self.FOLDER) != 3:
+                raise DataError(f"{path}: entry {entry!r} does not end in {self.FOLDER}/<wnid>/<file>")
+            i = parts.index(self.FOLDER)
+            paths.append(base / parts[i + 1] / parts[i + 2])
+            wnids.append(parts[i + 1])
+        if any(not 0 <= t < self.num_classes() for t in targets):
+            raise DataError(f"{path}: targets outside 0..{self.num_classes() - 1}")
+        return paths, targets, wnids
+
+
+@BENCHMARKS.register("imagenet_r", help="ImageNet-R, 200 classes (pre-split folders, CODA-Prompt lists, or a seeded split)")
+class ImageNetRConfig(_ImageNetVariantConfig):
+    name: Literal["imagenet_r"] = "imagenet_r"
+    FOLDER: ClassVar[str] = "imagenet-r"
+    URL: ClassVar[str] = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
+
+
+@BENCHMARKS.register("imagenet_a", help="ImageNet-A, 200 classes (pre-split folders or a seeded split)")
+class ImageNetAConfig(_ImageNetVariantConfig):
+    name: Literal["imagenet_a"] = "imagenet_a"
+    FOLDER: ClassVar[str] = "imagenet-a"
+    URL: ClassVar[str] = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar"
+
+
+DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+
+
+@BENCHMARKS.register("domainnet", help="DomainNet, 345 classes in 6 domains (official lists); for domain-incremental streams")
+class DomainNetConfig(FileDatasetConfig):
+    name: Literal["domainnet"] = "domainnet"
+    root: str | None = PathField(None, description="directory with <domain>/ folders and <domain>_{train,test}.txt (default: <data root>/domainnet)")
+    domains: list[Literal["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]] = Field(
+        ["real", "quickdraw", "painting", "sketch", "infograph", "clipart"],
+        min_length=1, description="domains in stream order (default: RanPAC's order)")
+    image_size: int | None = Field(224, ge=1, description="decoded image side; null = the hub backbone's input size")
+
+    @field_validator("domains")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"domains repeat: {value}")
+        return value
+
+    def num_classes(self) -> int:
+        return 345
+
+    def num_domains(self) -> int:
+        return len(self.domains)
+
+    def load(self, data_root: Path, hint: dict[str, Any] | None = None) -> SourceData:
+        root = Path(self.root) if self.root else data_root / "domainnet"
+        h = hashlib.sha256(repr(self.domains).encode())
+        names: dict[int, str] = {}
+        split_parts: dict[str, tuple[list[Path], list[int], list[int]]] = {"train": ([], [], []), "test": ([], [], [])}
+        for d, domain in enumerate(self.domains):
+            for split, (paths, labels, doms) in split_parts.items():
+                listing = root / f"{domain}_{split}.txt"
+                if not listing.is_file():
+                    raise DataError(f"DomainNet list not found: {listing} (official lists: http://ai.bu.edu/M3SDA/)")
+                text = listing.read_text()
+                h.update(text.encode())
+                for n, line in enumerate(text.splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    parts = line.split()
+                    try:
+                        rel, label = parts[0], int(parts[1])
+                        if len(parts) != 2 or not 0 <= label < 345 or len(Path(rel).parts) != 3:
+                            raise ValueError
+                    except (ValueError, IndexError):
+                        raise DataError(f"{listing}:{n}: expected '<domain>/<class>/<file> <label 0..344>', got {line.strip()[:60]!r}") from None
+                    cls = Path(rel).parts[1]
+                    if names.setdefault(label, cls) != cls:
+                        raise DataError(f"{listing}:{n}: label {label} is '{names[label]}' elsewhere, '{cls}' here")
+                    paths.append(root / rel)
+                    labels.append(label)
+                    doms.append(d)
+        decode = self.decode(hint)
+        (ptr, ytr, dtr), (pte, yte, dte) = split_parts["train"], split_parts["test"]
+        xtr, xte = file_split(ptr, decode), file_split(pte, decode)
+        for digest in xtr.files.digests + xte.files.digests:
+            h.update(bytes.fromhex(digest))
+        classes = [names.get(i, str(i)) for i in range(345)]
+        return SourceData(xtr, torch.tensor(ytr, dtype=torch.int64), xte, torch.tensor(yte, dtype=torch.int64), classes,
+                          h.hexdigest(), str(root), domains_train=torch.tensor(dtr, dtype=torch.int64),
+                          domains_test=torch.tensor(dte, dtype=torch.int64), domain_names=list(self.domains))
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,7 +750,7 @@ class SyntheticConfig(DatasetConfig):
     def num_classes(self) -> int:
         return self.n_classes
 
-    def load(self, data_root: Path) -> SourceData:
+    def load(self, data_root: Path, hint: dict[str, Any] | None = None) -> SourceData:
         g = torch.Generator().manual_seed(self.seed)
         shape = (self.channels, self.image_size, self.image_size)
         prototypes = torch.rand((self.n_classes, *shape), generator=g) * 255

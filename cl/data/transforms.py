@@ -32,17 +32,22 @@ class BatchTransform:
     size: int | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    interpolation: str = "bilinear"  # or "bicubic" (a hub tag's), for resizing stored images to ``size``
 
     def __post_init__(self) -> None:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"mean/std need {self.channels} values, got {len(self.mean)}/{len(self.std)}")
 
     def __call__(self, x: Tensor, device: torch.device | str | None = None) -> Tensor:
+        if not isinstance(x, Tensor):  # images still on disk (cl.data.disk.DiskImages): decode them here
+            x = x.load()
         x = x.to(device=device, non_blocking=True).float().div_(255)
         if self.channels != self.in_channels:
             x = x.expand(-1, 3, -1, -1) if self.channels == 3 else x.mean(dim=1, keepdim=True)
         if self.size is not None and (x.shape[-2], x.shape[-1]) != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(x, size=(self.size, self.size), mode=self.interpolation, antialias=True, align_corners=False)
+            if self.interpolation == "bicubic":
+                x = x.clamp_(0, 1)  # bicubic overshoots
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
@@ -52,7 +57,10 @@ class BatchTransform:
         return self.channels, h, w
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        out = asdict(self)
+        if self.interpolation == "bilinear":  # the only mode before it was a field: cache keys stay as they were
+            del out["interpolation"]
+        return out
 
 
 def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 2, flip: bool = True) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from cl.data.benchmark import Experience
+from cl.data.disk import iterate_batches
 
 
 @dataclass
@@ -95,8 +96,8 @@ def accuracy_on_classes(strategy: object, x: Tensor, y: Tensor, classes: Tensor,
     x, y = x[keep], y[keep]
     allowed = classes.to(torch.bool)
     hits = 0
-    for start in range(0, len(y), batch_size):
-        scores = strategy.predict(x[start : start + batch_size], None)  # type: ignore[attr-defined]
+    for start, xb in zip(range(0, len(y), batch_size), iterate_batches(x, batch_size)):
+        scores = strategy.predict(xb, None)  # type: ignore[attr-defined]
         scores = scores.masked_fill(~allowed.to(scores.device)[None, :], float("-inf"))
         hits += count_hits(scores, y[start : start + batch_size])
     return hits / len(y)

@@ -23,7 +23,7 @@ import itertools
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,13 @@ from analysis import metrics as M
 from analysis.plots import accuracy_heatmap, anytime_curve, forgetting_curves
 from cl.config import RunConfig
 from cl.data.benchmark import Benchmark, Experience, Split, build_benchmark
+from cl.data import disk
+from cl.data.disk import cat_images, configure_loader
 from cl.engine.checkpoint import load_checkpoint, save_checkpoint
 from cl.engine.evaluate import EvalRow, accuracy_on_classes, evaluate
 from cl.engine.probes import ProbeRecorder
 from cl.engine.rundir import JsonlLog, check_before_run, open_run_dir, run_identity, write_config
-from cl.models.backbone import Backbone, check_input, create_backbone
+from cl.models.backbone import Backbone, check_input, create_backbone, hub_input_hint
 from cl.models.features import cached_features
 from cl.models.pretrain import get_pretrained
 from cl.registry import STRATEGIES
@@ -92,7 +94,8 @@ def prepare_inputs(cfg: RunConfig, want_features: bool) -> Inputs:
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
-    images = build_benchmark(cfg.benchmark, cfg.resolved_data_root(), cfg.seed)
+    configure_loader(cfg.loader.options(device.type))
+    images = build_benchmark(cfg.benchmark, cfg.resolved_data_root(), cfg.seed, hub_input_hint(cfg.backbone))
     t1 = time.perf_counter()
     # Pretraining and feature extraction run with a fixed thread count (CPU results depend on it):
     # the run's num_threads, else the machine default, however many threads a sweep worker trains
@@ -110,7 +113,7 @@ def prepare_inputs(cfg: RunConfig, want_features: bool) -> Inputs:
         with torch_threads(build_threads):
             train_x, test_x, hit = cached_features(
                 backbone, images, cache_dir=cfg.resolved_cache_dir(), batch_size=cfg.train.eval_batch_size,
-                device=device, progress=cfg.progress, precision=cfg.precision,
+                device=device, progress=cfg.progress, precision=cfg.precision, dtype=cfg.backbone.cache_dtype,
             )
         bench = images.with_inputs(train_x, test_x)
         setup.update(feature_cache="hit" if hit else "miss", feature_time_s=time.perf_counter() - t2)
@@ -193,14 +196,14 @@ def _anytime_eval_set(bench: Benchmark, per_class: int | None, seed: int, split:
             idx = idx[torch.randperm(len(idx), generator=g)][:per_class] if per_class else idx
             xs.append(data.x[idx])
             ys.append(data.y[idx])
-    return torch.cat(xs), torch.cat(ys)
+    return cat_images(xs), torch.cat(ys)
 
 
 def _training_data(bench: Benchmark, i: int, policy: str) -> Split:
     if policy == "current":
         return bench.experiences[i].train
     parts = [e.train for e in bench.experiences[: i + 1]]
-    return Split(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+    return Split(cat_images([p.x for p in parts]), torch.cat([p.y for p in parts]))
 
 
 class _LossMeter:
@@ -330,6 +333,7 @@ class _Loop:
             "benchmark": self.bench.describe(),
             "input_transform": self.prep.backbone.transform.to_dict(),
             "cached_features": self.strategy.ctx.cached_features,
+            "loader": asdict(disk.LOADER),  # how streamed images were decoded (speed only)
         }
 
     def _record_resume(self) -> None:

@@ -6,8 +6,9 @@ one included) has not rotted before paying for it. What changes, and only that:
 
 * ``smoke: true`` (recorded in the resolved config and metrics; a smoke run can never be taken for,
   or mixed with, a real one) and ``out_dir`` → ``<out_dir>/smoke``;
-* data: at most :data:`TRAIN_PER_CLASS` training samples per class (more if a validation split needs
-  them) and :data:`TEST_PER_CLASS` test sample per class; online, anytime evaluation every 16 samples;
+* data: at most :data:`TRAIN_PER_CLASS` training samples per class (one per domain and class in a
+  domain-incremental stream; more if a validation split needs them) and :data:`TEST_PER_CLASS` test
+  sample per class; online, anytime evaluation every 16 samples;
 * training: one epoch, at most :data:`MAX_STEPS` optimiser steps per experience, batches of at most
   :data:`BATCH` (strategies that train themselves, Avalanche's, take the epoch whole); tasks not
   trained yet are not evaluated (no forward transfer); pretraining one epoch; replay memories
@@ -35,7 +36,9 @@ def smoke_data(data: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     """The raw config ``data`` (validated as ``cfg``) rewritten for a smoke run."""
     bench = cfg.benchmark
     val = bench.validation
-    train_per_class = TRAIN_PER_CLASS + (val.per_class if val is not None and val.per_class else 0)
+    # domain-incremental data are subsampled per (domain, class): one each is already every class per experience
+    per_class = 1 if bench.scenario == "domain_incremental" else TRAIN_PER_CLASS
+    train_per_class = per_class + (val.per_class if val is not None and val.per_class else 0)
     n_train = bench.dataset.num_classes() * train_per_class
     update: dict[str, Any] = {
         "smoke": True,

@@ -267,6 +267,10 @@ def create_backbone(
         if transform.channels == 1:
             mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
         transform = replace(transform, mean=tuple(mean), std=tuple(std))
+    if source == "hub" and transform.size is not None:  # stored images resized as the tag's weights expect
+        mode = (getattr(model, "pretrained_cfg", {}) or {}).get("interpolation")
+        if mode in ("bilinear", "bicubic"):
+            transform = replace(transform, interpolation=mode)
     elif cfg.normalize == "none":
         transform = replace(transform, mean=(0.0,) * transform.channels, std=(1.0,) * transform.channels)
 
@@ -274,6 +278,23 @@ def create_backbone(
     backbone = Backbone(model, cfg.name, int(model.num_features), cfg.freeze, transform, info, kwargs, train_roots(model))
     backbone.set_train(False)
     return backbone
+
+
+def hub_input_hint(cfg: BackboneConfig) -> dict[str, Any] | None:
+    """What a hub tag's weights were trained to see (input size, interpolation, crop), read from timm's
+    model registry without downloading anything; None unless ``weights.source`` is hub."""
+    if cfg.weights.source != "hub":
+        return None
+    from timm.models import get_pretrained_cfg
+
+    try:
+        pcfg = get_pretrained_cfg(cfg.name)
+    except (RuntimeError, ValueError, KeyError):
+        pcfg = None
+    if pcfg is None:
+        return None
+    return {"input_size": list(pcfg.input_size), "interpolation": pcfg.interpolation, "crop_pct": pcfg.crop_pct,
+            "crop_mode": pcfg.crop_mode}
 
 
 def check_input(backbone: Backbone, input_shape: tuple[int, int, int], device: torch.device) -> int:

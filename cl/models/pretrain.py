@@ -8,6 +8,7 @@ given seed, so the same config always maps to the same weights.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -23,10 +24,17 @@ from tqdm.auto import tqdm
 
 from cl.config import BackboneConfig, PretrainConfig, config_hash
 from cl.data.benchmark import Benchmark, Split, build_benchmark, make_transform
+from cl.data.disk import DiskImages
 from cl.data.transforms import BatchTransform, random_crop_flip
 from cl.errors import TrainingDiverged
 from cl.models.backbone import check_exact, create_model
 from cl.utils import atomic_save, git_info, load_error_summary, remove_stale_temps, package_versions, state_dict_sha256, tensor_sha256, write_json
+
+
+def _data_sha256(x: Tensor | DiskImages, y: Tensor) -> str:
+    if isinstance(x, DiskImages):
+        return hashlib.sha256(f"{x.sha256()}:{tensor_sha256(y)}".encode()).hexdigest()
+    return tensor_sha256(x, y)
 
 
 def pretraining_data(pcfg: PretrainConfig, bench: Benchmark, data_root: Path, seed: int) -> tuple[Tensor, Tensor, BatchTransform, str]:
@@ -51,7 +59,7 @@ def pretrain_key(cfg: BackboneConfig, pcfg: PretrainConfig, x: Tensor, y: Tensor
             "arch": cfg.name,
             "kwargs": cfg.kwargs,
             "pretrain": pcfg.model_dump(mode="json"),
-            "data": tensor_sha256(x, y),
+            "data": _data_sha256(x, y),
             "transform": transform.to_dict(),
             "threads": torch.get_num_threads(),
             "device": device.type,
@@ -164,7 +172,7 @@ def get_pretrained(
         "kwargs": kwargs,
         "pretrain": pcfg.model_dump(mode="json"),
         "transform": transform.to_dict(),
-        "data_sha256": tensor_sha256(x, y),
+        "data_sha256": _data_sha256(x, y),
         "threads": torch.get_num_threads(),
         "device": device.type,
         "wall_time_s": round(time.perf_counter() - start, 3),
