@@ -302,7 +302,7 @@ class RunConfig(Model):
     cache_dir: str | None = Field(None, description="default: $CL_CACHE, else ~/.cache/cl")
     device: Literal["cpu", "cuda", "mps", "auto"] = Field("cpu", description="auto = cuda, else mps, else cpu")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="bf16 = the backbone (and its PEFT modules) under bf16 autocast, heads and losses in fp32 (CPU or GPU); fp16 is refused"
+        "fp32", description="bf16/fp16 = the backbone (and its PEFT modules) under autocast, heads and losses in fp32; fp16 scales the loss (GradScaler)"
     )
     smoke: bool = Field(False, description="a smoke rehearsal (cl run --smoke): a few samples and steps, not a measurement")
     num_threads: int | None = Field(None, ge=1)
@@ -756,8 +756,6 @@ def check_semantics(cfg: RunConfig) -> None:
     """Cross-section checks that pydantic field validators cannot see."""
     check_run_dir(cfg)
     check_benchmark(cfg.benchmark)
-    if cfg.precision == "fp16":
-        raise ConfigError("precision: fp16 needs a gradient scaler inside every strategy's optimiser step, which is not there; use bf16")
     if cfg.benchmark.scenario == "online" and cfg.train.epochs != 1:
         raise ConfigError(f"train.epochs: must be 1 in the online scenario (single pass), got {cfg.train.epochs}")
     pretrain = cfg.backbone.weights.pretrain

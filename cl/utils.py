@@ -179,18 +179,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_forward(model: torch.nn.Module, device: torch.device) -> None:
-    """Run ``model``'s forward (and whatever is hooked into it, e.g. PEFT modules) under bf16
-    autocast and hand back float32 outputs: the backbone computes in bf16, while heads, losses,
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_forward(model: torch.nn.Module, device: torch.device, precision: str = "bf16") -> None:
+    """Run ``model``'s forward (and whatever is hooked into it, e.g. PEFT modules) under bf16 (or
+    fp16) autocast and hand back float32 outputs: the backbone computes in bf16, while heads, losses,
     classifier statistics and scores stay float32 (training a head under bf16 autocast cost an ER
     run 30 points of accuracy; see the README). Bound as a method, so a deep copy of the model
     (ConFiT's reference extractor) runs its own forward, not this one's."""
     model._autocast_device = device.type  # type: ignore[assignment]
+    model._autocast_dtype = AUTOCAST_DTYPES[precision]  # type: ignore[assignment]
     model.forward = types.MethodType(_autocast_forward, model)  # type: ignore[method-assign]
 
 
 def _autocast_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    with torch.autocast(device_type=self._autocast_device, dtype=torch.bfloat16):  # type: ignore[arg-type]
+    with torch.autocast(device_type=self._autocast_device, dtype=self._autocast_dtype):  # type: ignore[arg-type]
         out = type(self).forward(self, *args, **kwargs)
     return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 

@@ -91,9 +91,7 @@ class APER(Strategy):
         self.module.train()
         lo = self.task_ranges[task_id][0]
         loss = F.cross_entropy(self.head(self._forward(x, True)), y.to(self.device) - lo)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.optimizer_step(loss, self.optimizer)
         return {"loss": loss.item()}
 
     @torch.no_grad()

@@ -42,6 +42,7 @@ class StrategyContext:
     device: torch.device
     seed: int
     train: TrainConfig
+    precision: str = "fp32"  # fp16: losses are scaled (a GradScaler) in optimizer_step
 
 
 class OptimConfig(StrategyConfig):
@@ -155,6 +156,21 @@ class Strategy:
         return out
 
     # ---- helpers ----------------------------------------------------------------------------
+
+    def optimizer_step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """zero_grad, backward, step; under fp16 with a gradient scaler (the backbone's float16
+        gradients would underflow; steps whose gradients overflow are skipped and the scale lowered)."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.ctx.precision != "fp16":
+            loss.backward()
+            optimizer.step()
+            return
+        scaler = getattr(self, "_grad_scaler", None)
+        if scaler is None:
+            scaler = self._grad_scaler = torch.amp.GradScaler(self.device.type)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     def encode(self, x: Tensor) -> Tensor:
         """Features of a stored batch: cached features pass through, images go through the backbone."""

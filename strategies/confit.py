@@ -154,9 +154,7 @@ class ConFiT(Strategy):
         lo, hi = self.task_ranges[task_id]
         n = len(y)
         loss = masked_cross_entropy(logits, y.to(self.device), torch.full((n,), lo, device=self.device), torch.full((n,), hi, device=self.device))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.optimizer_step(loss, self.optimizer)
         self._version += 1
         return {"loss": loss.item(), "stage": float(self.stage)}
 
@@ -313,6 +311,8 @@ class ConFiT(Strategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        # checkpoints load on the CPU: the bank is read every evaluation batch, so it lives on the device
+        self.bank = {t: {k: v.to(self.device) for k, v in entry.items()} for t, entry in self.bank.items()}
         if self.bank:  # the last task trained: evaluated with its own statistics, not recovered ones
             self.current = max(self.bank)
         self._version += 1

@@ -157,9 +157,7 @@ class ERTaskAware(Strategy):
                 loss_replay = masked_cross_entropy(self._logits(mx.to(x.dtype)), my.to(self.device), *self.label_ranges(mt))
                 loss = loss + self.weight * loss_replay
                 terms["loss_replay"] = loss_replay.item()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.optimizer_step(loss, self.optimizer)
         if isinstance(self._memory, ReservoirMemory):
             self._memory.add(x, y, task_id)
         return {"loss": loss.item(), **terms}

@@ -47,9 +47,7 @@ class Finetune(Strategy):
         y = y.to(self.device)
         logits = self.head(self.encode(x))
         loss = masked_cross_entropy(logits, y, *self.label_ranges(task_ids))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.optimizer_step(loss, self.optimizer)
         return loss.detach()
 
     def observe(self, x: Tensor, y: Tensor, task_id: int) -> dict[str, float]:

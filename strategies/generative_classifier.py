@@ -131,9 +131,7 @@ class GenerativeClassifier(Strategy):
                 disc = proxy_softmax_loss(z, yb, self.proxies, self.observed, self.cfg.proxy_scale)
                 loss = loss + self.cfg.gamma * disc
                 terms["loss_disc"] = disc.item()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.optimizer_step(loss, self.optimizer)
             terms["loss"] = loss.item()
         if isinstance(self._memory, ReservoirMemory):
             self._memory.add(x, y.cpu(), task_id)

@@ -107,9 +107,7 @@ class L2P(Strategy):
         ce = F.cross_entropy(masked, y.to(self.device))
         surrogate = (1 - F.cosine_similarity(query[:, None, :], keys, dim=-1)).mean()
         loss = ce + self.cfg.pull * surrogate
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.optimizer_step(loss, self.optimizer)
         return {"loss": loss.item(), "loss_ce": ce.item(), "loss_pull": surrogate.item()}
 
     @torch.no_grad()

@@ -114,9 +114,7 @@ class PeftPerTask(Strategy):
         lo = self.task_ranges[task_id][0]
         logits = self.heads[str(task_id)](self._features(x, task_id))
         loss = F.cross_entropy(logits, y.to(self.device) - lo)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.optimizer_step(loss, self.optimizer)
         return {"loss": loss.item()}
 
     @torch.no_grad()

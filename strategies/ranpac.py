@@ -173,9 +173,7 @@ class RanPAC(Strategy):
             self.module.train()
             self.train_mode(False)
             loss = F.cross_entropy(self.head(self.embed(x)), y.to(self.device) - self.task_ranges[task_id][0])
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.optimizer_step(loss, self.optimizer)
             return {"loss": loss.item()}
         with torch.no_grad():
             self._accumulate(x, y)

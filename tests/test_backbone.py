@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -106,6 +107,21 @@ def test_hub_weights_load_offline_from_a_local_hub_cache(tmp: Path):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=PROJECT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok")
+
+    # a whole run from a YAML: an image folder decoded as the tag's weights expect (160 px, bicubic,
+    # shorter side to 160 / 0.95, centre crop), normalised with the tag's mean/std
+    from tests.fakes import write_image_folder
+
+    write_image_folder(tmp / "images", 4, per_split=2, size=(40, 30))
+    config = {"experiment": "hub", "out_dir": str(tmp / "runs"), "cache_dir": str(tmp / "cache"), "progress": False,
+              "benchmark": {"dataset": {"name": "image_folder", "root": str(tmp / "images"), "image_size": None}, "n_experiences": 2},
+              "backbone": {"name": "test_vit", "weights": {"source": "hub"}}, "strategy": {"name": "simplecil"}}
+    (tmp / "hub.yaml").write_text(json.dumps(config))
+    out = subprocess.run([sys.executable, "-m", "cl", "run", str(tmp / "hub.yaml")], env=env, capture_output=True, text=True, cwd=PROJECT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run_env = json.loads((tmp / "runs" / "hub" / "simplecil" / "seed0" / "env.json").read_text())
+    assert run_env["benchmark"]["decode"] == {"size": 160, "mode": "RGB", "resize": "crop", "crop_pct": 0.95, "interpolation": "bicubic"}
+    assert run_env["input_transform"]["mean"] == [0.5, 0.5, 0.5] and run_env["benchmark"]["input_shape"] == [3, 160, 160]
 
     env["HF_HOME"] = str(tmp / "empty")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=PROJECT)

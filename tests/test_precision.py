@@ -1,7 +1,7 @@
 """Mixed precision on CPU: with ``precision: bf16`` the backbone (and its PEFT modules) computes under
 bf16 autocast and returns float32, heads and losses stay float32; runs train with finite losses and
-land close to fp32; a deep copy of the model keeps its own forward; bf16 features never share a
-cache entry with fp32 ones; fp16 and absent devices are one-line errors."""
+land close to fp32; fp16 does the same with a gradient scaler; a deep copy of the model keeps its own
+forward; bf16 features never share a cache entry with fp32 ones; absent devices are one-line errors."""
 
 from __future__ import annotations
 
@@ -32,15 +32,34 @@ def test_bf16_runs_close_to_fp32(tmp: Path, shared_cache: Path, strategy: dict):
     assert abs(results["bf16"] - results["fp32"]) <= 0.15, results
 
 
-def test_bf16_peft_modules_train_inside_the_autocast_backbone(tmp: Path, shared_cache: Path):
+@pytest.mark.parametrize("low", ["bf16", "fp16"])
+def test_peft_modules_train_inside_the_autocast_backbone(tmp: Path, shared_cache: Path, low: str):
     from tests.test_peft_per_task import VIT
 
     accs = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", low):
         cfg = parse_run_config(tiny_config(tmp / precision, cache_dir=str(shared_cache), backbone=VIT, precision=precision,
                                            strategy={"name": "peft_per_task", "lr": 0.01, "peft": {"name": "lora", "rank": 2}}))
         accs[precision] = run(cfg)["task_aware"]["final_acc"]
-    assert abs(accs["bf16"] - accs["fp32"]) <= 0.15, accs
+    assert abs(accs[low] - accs["fp32"]) <= 0.15, accs
+
+
+def test_fp16_steps_go_through_a_gradient_scaler(tmp: Path, shared_cache: Path):
+    from cl.engine.loop import prepare
+    from tests.test_peft_per_task import VIT
+
+    cfg = parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), backbone=VIT, precision="fp16",
+                                       strategy={"name": "peft_per_task", "lr": 0.01, "peft": {"name": "lora", "rank": 2}}))
+    prep = prepare(cfg)
+    strategy, exp = prep.strategy, prep.bench.experiences[0]
+    strategy.before_experience(exp)
+    trainable = [p for p in strategy.trainable_parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    x, y = next(exp.train.batches(8))
+    loss = strategy.observe(x, y, exp.task_id)["loss"]
+    scaler = strategy._grad_scaler
+    assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() and scaler.get_scale() > 1
+    assert torch.isfinite(torch.tensor(loss)) and any(not torch.equal(a, b) for a, b in zip(before, trainable))
 
 
 def test_bf16_features_have_their_own_cache_entry(tmp: Path):
@@ -55,9 +74,7 @@ def test_bf16_features_have_their_own_cache_entry(tmp: Path):
     assert len(keys) == 2
 
 
-def test_fp16_and_absent_devices_are_refused(tmp: Path):
-    with pytest.raises(ConfigError, match="precision: fp16 needs a gradient scaler"):
-        parse_run_config(tiny_config(tmp, precision="fp16"))
+def test_absent_devices_are_refused(tmp: Path):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device: 'cuda' requested but no CUDA device"):
             resolve_device("cuda")

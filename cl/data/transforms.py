@@ -6,6 +6,7 @@ DataLoader worker start-up; on 2 CPU cores that is most of the wall time of a sm
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -48,8 +49,7 @@ class BatchTransform:
             x = F.interpolate(x, size=(self.size, self.size), mode=self.interpolation, antialias=True, align_corners=False)
             if self.interpolation == "bicubic":
                 x = x.clamp_(0, 1)  # bicubic overshoots
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        mean, std = _stats(self.mean, self.std, x.device)
         return (x - mean) / std
 
     def output_shape(self, native: tuple[int, int]) -> tuple[int, int, int]:
@@ -61,6 +61,13 @@ class BatchTransform:
         if self.interpolation == "bilinear":  # the only mode before it was a field: cache keys stay as they were
             del out["interpolation"]
         return out
+
+
+@functools.lru_cache(maxsize=64)
+def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Normalisation tensors, made once per device (a tensor built from Python floats on a GPU is a
+    blocking host-to-device copy: it would stall every batch)."""
+    return torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1)
 
 
 def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 2, flip: bool = True) -> Tensor:

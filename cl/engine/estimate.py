@@ -137,8 +137,8 @@ def estimate_run(cfg: RunConfig) -> Estimate:
         backbone = create_backbone(random_cfg, images.transform, seed=cfg.seed)
         backbone.model.to(device)
         check_input(backbone, images.input_shape, device)
-    if cfg.precision == "bf16":
-        autocast_forward(backbone.model, device)
+    if cfg.precision != "fp32":
+        autocast_forward(backbone.model, device, cfg.precision)
     est = Estimate(device.type, cfg.precision, PROBE_BATCH)
     strategy_cls = STRATEGIES.get(cfg.strategy.name)
     features = strategy_cls.wants_features(cfg.strategy) and backbone.frozen and cfg.backbone.cache_features

@@ -103,8 +103,8 @@ def prepare_inputs(cfg: RunConfig, want_features: bool) -> Inputs:
     build_threads = cfg.num_threads or DEFAULT_THREADS
     with torch_threads(build_threads):
         backbone = build_backbone(cfg, images, device)
-    if cfg.precision == "bf16":
-        autocast_forward(backbone.model, device)
+    if cfg.precision != "fp32":
+        autocast_forward(backbone.model, device, cfg.precision)
     t2 = time.perf_counter()
     setup: dict[str, Any] = {"data_time_s": t1 - t0, "backbone_time_s": t2 - t1, "feature_cache": None, "feature_time_s": 0.0,
                              "build_threads": build_threads}
@@ -145,7 +145,7 @@ def _with_strategy(cfg: RunConfig, inputs: Inputs, bench: Benchmark) -> Prepared
         n_classes=bench.n_classes, scenario=cfg.benchmark.scenario, backbone=inputs.backbone,
         feature_dim=inputs.backbone.feature_dim, input_shape=inputs.images.input_shape,
         cached_features=inputs.setup["feature_cache"] is not None,
-        device=device, seed=cfg.seed, train=cfg.train,
+        device=device, seed=cfg.seed, train=cfg.train, precision=cfg.precision,
     )
     strategy = create_strategy(cfg.strategy, ctx)
     return Prepared(cfg, bench, inputs.images, inputs.backbone, strategy, device, {**inputs.setup, "setup_time_s": 0.0})

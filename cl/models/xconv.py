@@ -96,7 +96,7 @@ class InputMeanTracker(nn.Module):
         self.running_mean.mul_(1 - self.momentum).add_(batch.float(), alpha=self.momentum)
         if tuple(x.shape[-2:]) == tuple(self.running_map.shape[-2:]):
             self.running_map.mul_(1 - self.momentum).add_(x.float().mean(dim=0), alpha=self.momentum)
-        self.input_size.copy_(torch.tensor(x.shape[-2:]))
+        self.input_size[0], self.input_size[1] = x.shape[-2], x.shape[-1]  # filled from Python ints: no blocking copy
 
     def extra_repr(self) -> str:
         return f"channels={self.running_mean.shape[1]}, parity={self.parity}"
