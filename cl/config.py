@@ -53,6 +53,10 @@ def is_path_field(field: Any) -> bool:
 # them does not rename the run. Paths (data roots, weights files) are identified by content instead:
 # the data fingerprint and the weights checksum are part of a run's identity (cl.engine.rundir).
 VOLATILE_KEYS = ("progress", "out_dir", "data_root", "cache_dir", "num_threads", "train.checkpoint", "loader")
+# Keys added after runs existed whose default reproduces what those runs did: at that default they
+# are left out of a run's identity, so a run made before the key existed is still recognised (and
+# reused or resumed) instead of refused as a different config. Any other value is part of it.
+IDENTITY_DEFAULTS: dict[str, Any] = {"backbone.cache_dtype": "float32"}
 # Keys that place a run directory rather than describe the run.
 PLACEMENT_KEYS = ("experiment", "run_name", "seed")
 

@@ -741,3 +741,17 @@ def test_a_refused_pickle_says_so_in_one_complete_clause(tmp: Path, monkeypatch)
     text = str(err.value)
     assert "refused: loading it would run code" in text and "weights_only=False" not in text and "\x1b" not in text
     assert not (tmp / "pwned").exists()
+
+
+def test_keys_added_later_keep_older_runs_recognised_at_their_old_default(tmp: Path):
+    """A run made before ``backbone.cache_dtype`` existed hashed its config without it: at the default
+    (the old behaviour) the key stays out of the identity; any other value is part of it."""
+    from cl.config import IDENTITY_DEFAULTS, config_hash
+    from cl.engine.rundir import result_config, result_hash
+
+    assert IDENTITY_DEFAULTS == {"backbone.cache_dtype": "float32"}
+    cfg = parse_run_config(tiny_config(tmp))
+    old = result_config(cfg)
+    assert "cache_dtype" not in old["backbone"] and result_hash(cfg) == config_hash(old)
+    half = parse_run_config(tiny_config(tmp, backbone={"cache_dtype": "float16"}))
+    assert result_config(half)["backbone"]["cache_dtype"] == "float16" and result_hash(half) != result_hash(cfg)

@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from cl.config import (
-    PLACEMENT_KEYS, VOLATILE_KEYS, RunConfig, check_run_dir, config_hash, config_to_dict, flatten, is_path_field, parse_override,
+    IDENTITY_DEFAULTS, PLACEMENT_KEYS, VOLATILE_KEYS, RunConfig, check_run_dir, config_hash, config_to_dict, flatten, is_path_field, parse_override,
 )
 from cl.yamlio import yaml_text
 from cl.errors import RunDirError
@@ -68,6 +68,10 @@ def result_config(cfg: RunConfig) -> dict[str, Any]:
     data = _without_paths(cfg, config_to_dict(cfg))
     for key in (*VOLATILE_KEYS, "experiment", "run_name"):
         _drop(data, key)
+    flat = flatten(data)
+    for key, default in IDENTITY_DEFAULTS.items():
+        if key in flat and flat[key] == default:
+            _drop(data, key)
     return data
 
 

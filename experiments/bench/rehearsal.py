@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 CONFIG = ROOT / "experiments" / "peft" / "cifar100_b0inc10.yaml"
 STRATEGIES = {
-    "adapter": ["strategy.name=peft_per_task", "strategy.peft.name=adapter"],
-    "lora": ["strategy.name=peft_per_task", "strategy.peft.name=lora"],
+    "adapter": ["strategy.name=peft_per_task", "strategy.peft={name: adapter, bottleneck: 8}"],
+    "lora": ["strategy.name=peft_per_task", "strategy.peft={name: lora}"],
     "simplecil": ["strategy={name: simplecil}", "backbone.cache_features=true"],
     "ranpac": ["strategy={name: ranpac}"],
 }
