@@ -63,6 +63,27 @@ def test_streamed_equals_eager_sample_for_sample(tree: Path, workers: int):
     assert streamed.content_sha256() == eager.content_sha256()
 
 
+def test_streamed_and_eager_normalise_alike_above_the_stats_subsample(tree: Path, monkeypatch: pytest.MonkeyPatch):
+    """Channel statistics of image files come from the same seeded subsample whether the pool is
+    streamed or decoded into memory: otherwise one run identity would hold two normalisations (a run
+    killed streamed and resumed in memory would mix them). Found by the 50k-image benchmark, which
+    also ran out of memory: the in-memory statistics cast the whole pool to int64 twice."""
+    monkeypatch.setattr(disk, "STATS_LIMIT", 5)  # 24 training images: a subsample of 5
+    with loader_options(stream="never"):
+        eager = build_benchmark(_bench(tree), Path("."), 0)
+    with loader_options(stream="always"):
+        streamed = build_benchmark(_bench(tree), Path("."), 0)
+    assert not eager.source.streamed and streamed.source.streamed
+    assert eager.transform.mean == streamed.transform.mean and eager.transform.std == streamed.transform.std
+    whole = eager.source.x_train.transpose(0, 1).reshape(3, -1).double() / 255
+    assert eager.transform.mean != tuple(whole.mean(dim=1).tolist())  # the subsample, not the whole pool
+    x = eager.source.x_train
+    rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:5].sort().values
+    sub = x[rows].transpose(0, 1).reshape(3, -1).double() / 255
+    assert eager.transform.mean == pytest.approx(tuple(sub.mean(dim=1).tolist()), abs=1e-12)
+    assert eager.transform.std == pytest.approx(tuple(max(v, 1 / 255) for v in sub.std(dim=1).tolist()), abs=1e-12)
+
+
 def test_auto_streams_only_above_the_memory_limit(tree: Path):
     with loader_options(stream="auto", max_in_memory_gb=1.0):
         assert not build_benchmark(_bench(tree), Path("."), 0).source.streamed

@@ -329,12 +329,16 @@ def images_sha256(*pools: Tensor | DiskImages) -> str:
     return h.hexdigest()
 
 
-def channel_stats_exact(x: Tensor | DiskImages, limit: int = 2048, seed: int = 0) -> tuple[list[float], list[float], int]:
-    """Per-channel (mean, std) in [0, 1] units from exact integer sums over ``x``, or over a seeded
-    subsample of ``limit`` images when ``x`` is on disk and larger (decoding all of ImageNet-R to
-    normalise would cost more than the run). Returns the number of images used as well."""
-    if isinstance(x, DiskImages) and len(x) > limit:
-        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:limit].sort().values]
+STATS_LIMIT = 2048
+
+
+def channel_stats_exact(x: Tensor | DiskImages, subsample: bool = True, seed: int = 0) -> tuple[list[float], list[float], int]:
+    """Per-channel (mean, std) in [0, 1] units from exact integer sums over ``x``, or with
+    ``subsample`` over a seeded subsample of :data:`STATS_LIMIT` images when ``x`` is larger (the same
+    rows whether ``x`` is on disk or in memory). Batched: memory does not grow with ``x``. Returns the
+    number of images used as well."""
+    if subsample and len(x) > STATS_LIMIT:
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:STATS_LIMIT].sort().values]
     c = int(x.shape[1])
     s1 = torch.zeros(c, dtype=torch.int64)
     s2 = torch.zeros(c, dtype=torch.int64)

@@ -11,7 +11,6 @@ import contextlib
 import gzip
 import hashlib
 import io
-import math
 import pickle
 import shutil
 from dataclasses import dataclass, replace
@@ -75,19 +74,13 @@ class SourceData:
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training images, in [0, 1] units.
 
-        Computed from exact integer sums: a floating-point reduction's last bits depend on the
-        thread count, and these numbers are part of cache keys shared across processes. Images on
-        disk are measured on a seeded subsample of 2048 (:func:`cl.data.disk.channel_stats_exact`).
+        Computed from exact integer sums, batch by batch: a floating-point reduction's last bits
+        depend on the thread count, and these numbers are part of cache keys shared across processes.
+        Sources of image files are measured on a seeded subsample of 2048 images whether they are
+        streamed or were decoded into memory (the two are the same run), since decoding all of
+        ImageNet-R to normalise would cost more than the run (:func:`cl.data.disk.channel_stats_exact`).
         """
-        if isinstance(self.x_train, DiskImages):
-            means, stds, _ = channel_stats_exact(self.x_train)
-            return means, stds
-        x = self.x_train.transpose(0, 1).reshape(self.channels, -1).to(torch.int64)
-        n = x.shape[1]
-        s1 = x.sum(dim=1).tolist()
-        s2 = (x * x).sum(dim=1).tolist()
-        means = [a / n / 255 for a in s1]
-        stds = [math.sqrt(max(b - a * a / n, 0) / max(n - 1, 1)) / 255 for a, b in zip(s1, s2)]
+        means, stds, _ = channel_stats_exact(self.x_train, subsample=self.decode is not None)
         return means, stds
 
 

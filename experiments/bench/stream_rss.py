@@ -69,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=None, help="working directory (the image tree is kept there between runs)")
     parser.add_argument("--source-size", type=int, default=96, help="side of the generated JPEGs")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[224], help="decoded sizes to run streamed")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[224], help="decoded sizes to run streamed")
     parser.add_argument("--eager-sizes", type=int, nargs="*", default=[112], help="decoded sizes to run in memory too")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--classes", type=int, default=100, help="classes of 500 images (100: 50,000 images)")
