@@ -1,4 +1,4 @@
-"""Command line: ``cl run | sweep | pretrain | list`` (also ``python -m cl``).
+"""Command line: ``cl run | sweep | tune | compare | pretrain | fetch | fake-data | shift | list`` (also ``python -m cl``).
 
 Input errors (bad config, missing data, unusable weights, run directory in the wrong state) are
 printed as one line and exit with code 2; no traceback, no run directory left behind.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import shlex
 import signal
 import sys
 import threading
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
 
+    p = sub.add_parser("fake-data", help="write tiny fake datasets in their official layouts, for --smoke where the data are absent")
+    p.add_argument("root", help="directory to write (new, empty, or an earlier fake-data root); then --set data_root=ROOT")
+    p.add_argument("datasets", nargs="*", metavar="DATASET", help="default: all of cifar10 cifar100 cub200 imagenet_r imagenet_a domainnet")
+
     p = sub.add_parser("shift", help="representational-shift tables and plots of a run with saved probes")
     p.add_argument("run_dir")
     p.add_argument("--kernel", choices=["linear", "rbf"], default="linear")
@@ -106,6 +111,8 @@ def load_cli_config(path: str, overrides: list[str], out: str | None, smoke: boo
     from cl.engine.rundir import name_run
 
     data = load_yaml(path)
+    if "tune" in data:
+        raise UserError(f"{path} is a tuning file, not a run config: run it with `cl tune {path}`")
     if "suite" in data:
         raise UserError(f"{path} is a suite, not a run config: run it with `cl sweep {path}`")
     data = name_run(apply_overrides(data, overrides), overrides, data)
@@ -248,8 +255,27 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     records = discover_runs(args.paths)
     if not records:
         raise UserError(f"no run directories found under {', '.join(args.paths)}")
-    print(write_report(records, args.out, args.title, args.baseline))
+    smoke = [r for r in records if _is_smoke(r)]
+    if smoke and len(smoke) < len(records):  # a rehearsal's numbers are not measurements: never in one table
+        raise UserError(f"{len(smoke)} of {len(records)} runs are --smoke rehearsals (e.g. {smoke[0].path}): compare them apart from real runs")
+    title = f"{args.title} (smoke rehearsals: not measurements)" if smoke else args.title
+    print(write_report(records, args.out, title, args.baseline))
     return 0
+
+
+def _is_smoke(record: object) -> bool:
+    metrics = getattr(record, "metrics", None) or {}
+    if metrics.get("smoke") is True:
+        return True
+    if getattr(record, "path", None) is None:
+        return False
+    config = Path(record.path) / "config.yaml"
+    try:
+        import yaml
+
+        return config.is_file() and (yaml.safe_load(config.read_text()) or {}).get("smoke") is True
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -294,6 +320,18 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fake_data(args: argparse.Namespace) -> int:
+    """Fake trees for smoke rehearsals without the data (e.g. `cl sweep SUITE --smoke --set data_root=ROOT`)."""
+    from cl.data.fakes import FAKE_DATASETS, write_fake_root
+
+    root = Path(args.root).expanduser()
+    written = write_fake_root(root, args.datasets or FAKE_DATASETS)
+    kept = sorted(set(args.datasets or FAKE_DATASETS) - set(written))
+    print(f"fake data in {root}: wrote {', '.join(written) or 'nothing'}" + (f"; already there: {', '.join(kept)}" if kept else "")
+          + f". Only --smoke runs read it: --smoke --set data_root={shlex.quote(str(root))}")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from cl.registry import BACKBONES, BENCHMARKS, PEFT, STRATEGIES
 
@@ -308,7 +346,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "run": _cmd_run, "sweep": _cmd_sweep, "tune": _cmd_tune, "compare": _cmd_compare, "pretrain": _cmd_pretrain, "fetch": _cmd_fetch, "shift": _cmd_shift, "list": _cmd_list,
+    "run": _cmd_run, "sweep": _cmd_sweep, "tune": _cmd_tune, "compare": _cmd_compare, "pretrain": _cmd_pretrain, "fetch": _cmd_fetch, "fake-data": _cmd_fake_data, "shift": _cmd_shift, "list": _cmd_list,
 }
 
 

@@ -327,6 +327,13 @@ class RunConfig(Model):
     def _expand_user(cls, value: str | None) -> str | None:
         return None if value is None else os.path.expanduser(value)
 
+    @model_validator(mode="after")
+    def _smoke_only_from_the_flag(self) -> "RunConfig":
+        # a smoke run reads fake data and takes two steps: it must never land among real results
+        if self.smoke and Path(self.out_dir).name != "smoke":
+            raise ValueError("smoke: true is set by --smoke (which runs into OUT/smoke), not by hand")
+        return self
+
     @field_validator("experiment")
     @classmethod
     def _safe_experiment(cls, value: str) -> str:

@@ -138,3 +138,85 @@ def test_smoke_never_nests_and_hostile_slurm_options_are_one_line(tmp_path: Path
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and flag in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_fake_data_root_serves_smoke_runs_only(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture):
+    """`cl fake-data` writes marked fake trees: a smoke run reads them, a real run refuses them in one
+    line and leaves nothing behind; it never writes into a folder that is not its own."""
+    root = tmp_path / "fake"
+    assert main(["fake-data", str(root), "cifar10"]) == 0
+    assert (root / "FAKE_DATA").is_file() and (root / "cifar-10-batches-py" / "data_batch_5").is_file()
+    assert not list(root.glob(".writing-*"))
+    assert main(["fake-data", str(root), "cifar10", "cub200"]) == 0  # idempotent, adds what is missing
+    assert "already there: cifar10" in capsys.readouterr().out and (root / "CUB_200_2011" / "images.txt").is_file()
+    config = EXPERIMENTS / "fmnist" / "b4inc2.yaml"
+    common = ["--set", "benchmark.dataset={name: cifar10}", "--set", "benchmark.n_experiences=2", "--set", "benchmark.base_classes=null",
+              "--set", f"data_root={root}", "--set", f"cache_dir={cache}", "--set", "progress=false", "--out", str(tmp_path / "runs")]
+    assert main(["run", str(config), *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fake data written by `cl fake-data`" in err[0] and "--smoke" in err[0], err
+    assert not any((tmp_path / "runs").rglob("metrics.json")) and not (tmp_path / "runs" / "fmnist_b4inc2").exists()
+    linked = tmp_path / "data"  # an unmarked data root whose dataset folder links into the fake root
+    linked.mkdir()
+    (linked / "cifar-10-batches-py").symlink_to(root / "cifar-10-batches-py")
+    one_by_one = tmp_path / "data2" / "cifar-10-batches-py"  # ... or whose files do, one by one
+    one_by_one.mkdir(parents=True)
+    for f in (root / "cifar-10-batches-py").iterdir():
+        (one_by_one / f.name).symlink_to(f)
+    for data_root in (linked, one_by_one.parent):
+        assert main(["run", str(config), *common, "--set", f"data_root={data_root}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "fake data written by `cl fake-data`" in err[0], err
+    # --set smoke=true is not --smoke: refused, not a way around the refusal
+    assert main(["run", str(config), *common, "--set", "smoke=true"]) == 2
+    assert "smoke: true is set by --smoke" in capsys.readouterr().err
+    # a dry run says what the run would say; a sweep refuses once, before anything is written
+    assert main(["run", str(config), *common, "--dry-run"]) == 2
+    assert "fake data" in capsys.readouterr().err
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"suite": "s", "config": str(config), "seeds": [0], "strategies": [{"name": "er", "overrides": {}}]}))
+    assert main(["sweep", str(suite), *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fake data" in err[0], err
+    assert not any((tmp_path / "runs").rglob("metrics.json")) and not (tmp_path / "runs" / "s").exists()
+    # a path through the fake root with '..' that leaves it is not fake
+    (tmp_path / "plain").mkdir()
+    assert main(["run", str(config), *common, "--set", f"data_root={root}/../plain", "--dry-run"]) == 0
+    assert "fake data" not in capsys.readouterr().err
+    assert main(["run", str(config), "--smoke", *common]) == 0
+    [metrics] = (tmp_path / "runs" / "smoke").rglob("metrics.json")
+    check_run_dir(metrics.parent)
+    # a folder that is not a fake root is never written into; unknown names are one line
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    victim = tmp_path / "victim.txt"  # a marker that is a link is never written through
+    victim.write_text("mine")
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    (trap / "FAKE_DATA").symlink_to(victim)
+    for argv in (["fake-data", str(other)], ["fake-data", str(root), "mnist"], ["fake-data", str(trap), "cifar10"]):
+        assert main(argv) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"] and victim.read_text() == "mine"
+    assert sorted(p.name for p in trap.iterdir()) == ["FAKE_DATA"]
+    # smoke rehearsals never share a comparison table with real runs
+    real = tmp_path / "real_run"
+    [smoke_metrics] = (tmp_path / "runs" / "smoke").rglob("metrics.json")
+    real.mkdir()
+    (real / "metrics.json").write_text(smoke_metrics.read_text().replace('"smoke": true', '"smoke": false'))
+    (real / "config.yaml").write_text((smoke_metrics.parent / "config.yaml").read_text().replace("smoke: true", "smoke: false"))
+    assert main(["compare", str(tmp_path / "runs"), str(real), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--smoke rehearsals" in err[0] and not (tmp_path / "report").exists()
+
+
+def test_each_file_kind_given_to_the_wrong_command_names_the_right_one(capsys: pytest.CaptureFixture):
+    for argv, want in ((["sweep", str(EXPERIMENTS / "peft" / "cifar100_b0inc10.yaml"), "--smoke", "--dry-run"], "cl run"),
+                       (["sweep", str(EXPERIMENTS / "base.yaml"), "--dry-run"], "cl run"),
+                       (["sweep", str(EXPERIMENTS / "tuning" / "cil_fmnist.yaml"), "--dry-run"], "cl tune"),
+                       (["run", str(EXPERIMENTS / "tuning" / "cil_fmnist.yaml"), "--dry-run"], "cl tune"),
+                       (["run", str(EXPERIMENTS / "quickstart.yaml"), "--dry-run"], "cl sweep")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"`{want} " in err[0], (argv, err)

@@ -6,10 +6,15 @@ where the real data are absent. The pixels are synthetic: nothing measured on th
 
 from __future__ import annotations
 
+import os
 import pickle
+import tempfile
 from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
+
+from cl.errors import DataError
 
 
 def write_cifar(root: Path, n_classes: int = 10, per_file: int = 20) -> None:
@@ -115,3 +120,107 @@ def write_domainnet(root: Path, domains: tuple[str, ...] = ("clipart", "infograp
                     lines.append(f"{rel} {c}")
             (base / f"{domain}_{split}.txt").write_text("\n".join(lines) + "\n")
     return base
+
+
+# --------------------------------------------------------------------------------------------
+# `cl fake-data`: a marked root of fake trees, for smoke rehearsals where the real data are absent
+
+MARKER = "FAKE_DATA"
+FAKE_DATASETS = ("cifar10", "cifar100", "cub200", "imagenet_r", "imagenet_a", "domainnet")
+
+
+def write_fake_root(root: Path, names: list[str] | tuple[str, ...] = FAKE_DATASETS) -> list[str]:
+    """Write the fake trees of ``names`` under ``root`` (made if absent, else it must be empty or an
+    earlier fake root) with enough images for ``--smoke`` (4 training, 1+ test images per class), and
+    the :data:`MARKER` file that makes every run but a smoke run refuse the root. Returns the names
+    written; a tree already there is kept."""
+    unknown = sorted(set(names) - set(FAKE_DATASETS))
+    if unknown:
+        raise DataError(f"no fake tree for {', '.join(unknown)} (known: {', '.join(FAKE_DATASETS)})")
+    marker = root / MARKER
+    if marker.is_symlink() or (marker.exists() and not marker.is_file()):
+        raise DataError(f"{marker} is not a plain file (a link?): refusing to write through it")
+    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not marker.is_file())):
+        raise DataError(f"{root} exists and is not a fake-data root (no {MARKER} file): refusing to write into it")
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write("Synthetic images in official dataset layouts, written by `cl fake-data` for --smoke "
+                "rehearsals. Runs other than --smoke refuse this directory.\n")
+    trees = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "cub200": "CUB_200_2011",
+             "imagenet_r": "imagenet-r", "imagenet_a": "imagenet-a", "domainnet": "domainnet"}
+    written = []
+    for name in names:
+        if (root / trees[name]).exists():
+            continue
+        with tempfile.TemporaryDirectory(dir=root, prefix=".writing-") as tmp:  # a killed write leaves no half tree
+            if name in ("cifar10", "cifar100"):
+                write_cifar(Path(tmp), 10 if name == "cifar10" else 100, per_file=40 if name == "cifar10" else 400)
+            elif name == "cub200":
+                write_cub(Path(tmp))
+            elif name in ("imagenet_r", "imagenet_a"):
+                write_imagenet_variant(Path(tmp), trees[name], "folders", per_class=5)
+            else:
+                write_domainnet(Path(tmp))
+            try:
+                os.replace(Path(tmp) / trees[name], root / trees[name])
+            except OSError:
+                if not (root / trees[name]).is_dir():
+                    raise
+                continue  # a concurrent `cl fake-data` wrote it first
+        written.append(name)
+    return written
+
+
+def fake_root_of(path: Path) -> Path | None:
+    """The fake-data root ``path`` lies in (it or a parent holds :data:`MARKER`, as written or with
+    links resolved), or None."""
+    for start in {Path(os.path.abspath(os.path.expanduser(path))), Path(path).expanduser().resolve()}:
+        for folder in (start, *start.parents):
+            if os.path.lexists(folder / MARKER):
+                return folder
+    return None
+
+
+def fake_files_root(paths: Iterable[str | Path]) -> Path | None:
+    """The fake-data root any of ``paths`` resolves into (files linked one by one included), or None."""
+    seen: set[Path] = set()
+    for path in paths:
+        parent = Path(path).resolve().parent
+        if parent not in seen:
+            seen.add(parent)
+            fake = fake_root_of(parent)
+            if fake is not None:
+                return fake
+    return None
+
+
+def refuse_fake_data(cfg: Any, source: Any = None) -> None:
+    """Only a smoke run may read data written by ``cl fake-data``: its numbers are not accuracies.
+
+    Without ``source``: the data roots of the config (its dataset's and a pretraining source
+    benchmark's), before anything is loaded. With the loaded ``source``: the folder it was read from
+    and every file in it, links resolved (a real-looking root whose files link into a fake one)."""
+    if cfg.smoke:
+        return
+    if source is None:
+        paths = [cfg.resolved_data_root()]
+        pretrain = cfg.backbone.weights.pretrain
+        for bench in (cfg.benchmark, pretrain.benchmark if pretrain is not None else None):
+            own = getattr(bench.dataset, "root", None) if bench is not None else None
+            paths += [Path(own)] if own else []
+        for path in paths:
+            fake = fake_root_of(path)
+            if fake is not None:
+                raise DataError(f"{path} is fake data written by `cl fake-data` ({fake / MARKER}): only --smoke runs may read it")
+        return
+    origin = Path(source.origin)
+    if not origin.exists():  # 'synthetic', bundled data
+        return
+    linked = []  # links below the dataset folder, to files or folders
+    for folder, dirs, names in os.walk(origin):
+        linked += [os.path.join(folder, n) for n in (*dirs, *names) if os.path.islink(os.path.join(folder, n))]
+    fake = fake_root_of(origin) or fake_files_root(linked)
+    if fake is not None:
+        raise DataError(f"{origin} holds or links to fake data written by `cl fake-data` ({fake / MARKER}): only --smoke runs may read it")
+

@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from cl.config import DatasetConfig, PathField, Seed
-from cl.data.disk import INTERPOLATIONS, Decode, DiskImages, ImageFiles, cat_images, channel_stats_exact, images_sha256
+from cl.data.disk import INTERPOLATIONS, Decode, DiskImages, ImageFiles, channel_stats_exact, images_sha256
 from cl.errors import DataError
 from cl.registry import BENCHMARKS
 

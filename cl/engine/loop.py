@@ -36,6 +36,7 @@ from cl.config import RunConfig
 from cl.data.benchmark import Benchmark, Experience, Split, build_benchmark
 from cl.data import disk
 from cl.data.disk import cat_images, configure_loader
+from cl.data.fakes import refuse_fake_data
 from cl.engine.checkpoint import load_checkpoint, save_checkpoint
 from cl.engine.evaluate import EvalRow, accuracy_on_classes, evaluate
 from cl.engine.probes import ProbeRecorder
@@ -95,7 +96,9 @@ def prepare_inputs(cfg: RunConfig, want_features: bool) -> Inputs:
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     configure_loader(cfg.loader.options(device.type))
+    refuse_fake_data(cfg)
     images = build_benchmark(cfg.benchmark, cfg.resolved_data_root(), cfg.seed, hub_input_hint(cfg.backbone))
+    refuse_fake_data(cfg, images.source)
     t1 = time.perf_counter()
     # Pretraining and feature extraction run with a fixed thread count (CPU results depend on it):
     # the run's num_threads, else the machine default, however many threads a sweep worker trains

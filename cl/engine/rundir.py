@@ -238,6 +238,9 @@ def check_before_run(cfg: RunConfig, *, resume: bool, overwrite: bool) -> None:
 
     The same checks run again, under the lock, when the directory is opened.
     """
+    from cl.data.fakes import refuse_fake_data
+
+    refuse_fake_data(cfg)
     run_dir = check_run_dir(cfg)
     check_writable(run_dir)
     check_ours(run_dir, clearing=overwrite)

@@ -96,6 +96,10 @@ def plan_suite(
     """
     path = Path(path).expanduser()
     raw = load_yaml(path, run_config=False)
+    if isinstance(raw, dict) and "tune" in raw:
+        raise ConfigError(f"{path} is a tuning file, not a suite: run it with `cl tune {path}`")
+    if isinstance(raw, dict) and "suite" not in raw and set(raw) & set(RunConfig.model_fields):
+        raise ConfigError(f"{path} is a run config, not a suite (no 'suite:' key): run it with `cl run {path}`")
     try:
         suite = SuiteConfig.model_validate(raw)
     except ValidationError as err:
