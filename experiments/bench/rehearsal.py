@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--gpu-fwd", type=float, default=2000.0, help="assumed GPU inference images/s (ViT-B/16, 224 px, bf16)")
     parser.add_argument("--gpu-train", type=float, default=600.0, help="assumed GPU training images/s (frozen ViT-B/16 + PEFT, bf16)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the suite (experiments/peft_cifar100.yaml: 3)")
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -105,6 +106,11 @@ def main() -> None:
                 "peak_rss_gb": est["peak_rss_gb"],
                 "disk_gb": est["disk_gb"],
             }
+            # the full run's disk: the feature cache grows with the images, checkpoints do not
+            full_disk = dict(est["disk_gb"])
+            if "feature cache" in full_disk:
+                full_disk["feature cache"] *= (FULL["train"] + FULL["test"]) / est["samples"]["feature extraction"]
+            row["full_run_disk_gb"] = sum(full_disk.values())
             p = passes(name, epochs)
             cpu = p["forward"] * per["backbone forward"] + p["predict"] * per["evaluation"] + p["train"] * per.get("training", 0.0)
             gpu = (p["forward"] + p["predict"] * p["passes_per_predict"]) / args.gpu_fwd + p["train"] / args.gpu_train
@@ -112,16 +118,25 @@ def main() -> None:
             row["passes"] = p
             results.append(row)
             print(json.dumps(row), file=sys.stderr)
-    print(json.dumps({"config": str(CONFIG.relative_to(ROOT)), "batch": batch, "epochs": epochs, "gpu_assumed_img_per_s":
+    import torch
+
+    print(json.dumps({"config": str(CONFIG.relative_to(ROOT)), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "batch": batch, "epochs": epochs, "gpu_assumed_img_per_s":
                       {"forward": args.gpu_fwd, "train": args.gpu_train}, "results": results}, indent=1))
     print()
-    print("| strategy | precision | s/step (batch %d) | extraction img/s | eval img/s | peak RSS GB | full run CPU h | full run GPU h (assumed) |" % batch)
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"CPU: {torch.backends.cpu.get_cpu_capability()} kernels (bf16 runs natively only with AVX512-BF16 or AMX)")
+    print("| strategy | precision | s/step (batch %d) | extraction img/s | eval img/s | peak RSS GB | full run disk GB | full run CPU h | full run GPU h (assumed) |" % batch)
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        step = "-" if r["s_per_step"] is None else f"{r['s_per_step']:.1f}"
+        step = "-" if r["s_per_step"] is None or r["strategy"] == "simplecil" else f"{r['s_per_step']:.1f}"
         ext = "-" if r["extract_img_per_s"] is None else f"{r['extract_img_per_s']:.1f}"
-        print(f"| {r['strategy']} | {r['precision']} | {step} | {ext} | {r['eval_img_per_s']:.1f} | {r['peak_rss_gb']:.2f} | "
+        ev = "-" if r["strategy"] == "simplecil" else f"{r['eval_img_per_s']:.1f}"  # on cached features: no backbone
+        print(f"| {r['strategy']} | {r['precision']} | {step} | {ext} | {ev} | {r['peak_rss_gb']:.2f} | {r['full_run_disk_gb']:.2f} | "
               f"{r['full_run_cpu_h']:.1f} | {r['full_run_gpu_h']:.2f} |")
+    for precision in args.precisions:
+        rows = [r for r in results if r["precision"] == precision]
+        print(f"\nsuite experiments/peft_cifar100.yaml at {precision} ({', '.join(r['strategy'] for r in rows)} x {args.seeds} seeds): "
+              f"{args.seeds * sum(r['full_run_cpu_h'] for r in rows):.0f} CPU h here, "
+              f"{args.seeds * sum(r['full_run_gpu_h'] for r in rows):.1f} GPU h at the assumed throughput")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ of all 50,000 images extracted once into the chunked cache - and reports the chi
 (``ru_maxrss``), wall time, and the decoded size the pool would take in memory.
 
     python experiments/bench/stream_rss.py [--work DIR] [--sizes 224] [--eager-sizes 112] [--workers 2]
+    python experiments/bench/stream_rss.py --work DIR2 --classes 10 --eager-sizes   # 5,000 images: is it bounded?
+
+A streamed run's peak is set by the batch (activations at the decoded size) and by what grows with
+the number of images (labels, file paths and digests, the cached features), never by the decoded
+pool: compare the 50,000- and 5,000-image peaks.
 
 Prints one JSON object and a Markdown table.
 """
