@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from analysis import metrics as M
 from analysis.plots import accuracy_heatmap, anytime_curve, forgetting_curves
@@ -40,6 +39,7 @@ from cl.data.fakes import refuse_fake_data
 from cl.engine.checkpoint import load_checkpoint, save_checkpoint
 from cl.engine.evaluate import EvalRow, accuracy_on_classes, evaluate
 from cl.engine.probes import ProbeRecorder
+from cl.engine.progress import Progress
 from cl.engine.rundir import JsonlLog, check_before_run, open_run_dir, run_identity, write_config
 from cl.models.backbone import Backbone, check_input, create_backbone, hub_input_hint
 from cl.models.features import cached_features
@@ -403,8 +403,15 @@ class _Loop:
                 self.observed[e.classes] = True
         if self.next_exp == 0 and self.initial_til is None and cfg.train.eval_future_tasks:
             self.initial_til = self._evaluate(0).til
-        bar = tqdm(range(self.next_exp, len(self.exps)), desc=cfg.name, disable=None if cfg.progress else True, initial=self.next_exp, total=len(self.exps))
-        for i in bar:
+        self.progress = Progress(f"{cfg.experiment}/{cfg.name}/seed{cfg.seed}", len(self.exps), cfg.progress, start=self.next_exp)
+        try:
+            return self._run_experiences(stop_after)
+        finally:
+            self.progress.close()
+
+    def _run_experiences(self, stop_after: int | None) -> dict[str, Any] | None:
+        online = self.cfg.benchmark.scenario == "online"
+        for i in range(self.next_exp, len(self.exps)):
             exp = self.exps[i]
             self.strategy.before_experience(exp)
             t0 = time.perf_counter()
@@ -432,7 +439,7 @@ class _Loop:
             seen_acc = M.seen_classes_acc(cil, self._n_eval(self.split), i)
             self.log.write("eval", experience=i, split=self.split, acc_cil=cil, acc_task_aware=til, acc_seen_classes=seen_acc,
                            task_inference=row.task_inference, **extra)
-            bar.set_postfix(acc=f"{seen_acc:.3f}")
+            self.progress.end_experience(i, seen_acc)
             self._after_experience(i, seen_acc)
             self.next_exp = i + 1
             self._checkpoint()
@@ -440,7 +447,6 @@ class _Loop:
                 self.log.write("stopped", next_experience=self.next_exp)
                 self.log.close()
                 return None
-        bar.close()
         return self._finish()
 
     def _train_offline(self, exp: Experience, i: int) -> None:
@@ -455,9 +461,14 @@ class _Loop:
         for epoch in range(epochs):
             self.strategy.before_epoch(epoch)
             meter = _LossMeter()
+            steps = math.ceil(len(data) / self.cfg.train.batch_size)
+            self.progress.start_epoch(i, epoch, epochs, steps if budget is None else min(steps, budget))
             for xb, yb in itertools.islice(data.batches(self.cfg.train.batch_size, self.generator), budget):
-                meter.add(self.strategy.observe(xb, yb, exp.task_id), f"experience {i}, epoch {epoch}")
+                terms = self.strategy.observe(xb, yb, exp.task_id)
+                meter.add(terms, f"experience {i}, epoch {epoch}")
                 self.samples_seen += len(yb)
+                self.progress.step(len(yb), terms)
+            self.progress.end_epoch()
             self.log.write("epoch", experience=i, epoch=epoch, steps=meter.steps, **meter.means())
             if budget is not None:
                 budget -= meter.steps
@@ -469,9 +480,13 @@ class _Loop:
         meter = _LossMeter()
         self.strategy.before_epoch(0)
         next_eval = (self.samples_seen // online.eval_every + 1) * online.eval_every
+        steps = math.ceil(len(exp.train) / online.batch_size)
+        self.progress.start_epoch(exp.index, 0, 1, steps if self.cfg.train.max_steps is None else min(steps, self.cfg.train.max_steps))
         for xb, yb in itertools.islice(exp.train.batches(online.batch_size, self.generator), self.cfg.train.max_steps):  # single pass
-            meter.add(self.strategy.observe(xb, yb, exp.task_id), f"experience {exp.index}, sample {self.samples_seen}")
+            terms = self.strategy.observe(xb, yb, exp.task_id)
+            meter.add(terms, f"experience {exp.index}, sample {self.samples_seen}")
             self.samples_seen += len(yb)
+            self.progress.step(len(yb), terms)
             self.observed[yb] = True
             if self.samples_seen >= next_eval:
                 t0 = time.perf_counter()
@@ -481,6 +496,7 @@ class _Loop:
                     self.anytime.append([self.samples_seen, acc, exp.index])
                     self.log.write("anytime", samples=self.samples_seen, acc=acc, experience=exp.index)
                 next_eval += online.eval_every
+        self.progress.end_epoch()
         self.log.write("epoch", experience=exp.index, epoch=0, steps=meter.steps, **meter.means())
 
     def _evaluate(self, trained: int, split: str | None = None) -> EvalRow:

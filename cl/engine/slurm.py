@@ -39,7 +39,7 @@ def _runner(execute: Callable[..., dict[str, Any]]):  # noqa: ANN202 - built laz
         resume of the same run."""
 
         def __call__(self, data: dict[str, Any], overwrite: bool, threads: int) -> dict[str, Any]:
-            return execute(data, overwrite, threads)
+            return execute(data, overwrite, threads, lines=True)  # one run per task log: per-epoch lines
 
         def checkpoint(self, data: dict[str, Any], overwrite: bool, threads: int):  # noqa: ANN201
             return submitit.helpers.DelayedSubmission(SlurmRun(), data, False, threads)

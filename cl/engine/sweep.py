@@ -180,19 +180,22 @@ def check_plan(planned: list[PlannedRun], overwrite: bool) -> None:
         raise RunDirError(f"{refused[0]}{more}")
 
 
-def execute(data: dict[str, Any], overwrite: bool = False, threads: int | None = None) -> dict[str, Any]:
+def execute(data: dict[str, Any], overwrite: bool = False, threads: int | None = None, lines: bool = False) -> dict[str, Any]:
     """Run (or resume, or reuse) one run from its raw config; failures are returned, not raised.
 
     This is what local worker processes and Ray tasks execute, so it takes and returns plain data.
+    ``lines``: print per-epoch progress lines when output is not a terminal (SLURM task logs).
     """
     import torch
 
+    from cl.engine import progress
     from cl.engine.loop import run as run_one
 
     if threads:
         torch.set_num_threads(threads)
     cfg = parse_run_config(data)
     outcome: dict[str, Any] = {"run_dir": str(cfg.run_dir()), "experiment": cfg.experiment, "run": cfg.name, "seed": cfg.seed}
+    progress.PIPED_LINES, before = lines, progress.PIPED_LINES
     try:
         outcome.update(ok=True, error=None, metrics=run_one(cfg, resume=not overwrite, overwrite=overwrite))
     except UserError as err:
@@ -200,6 +203,8 @@ def execute(data: dict[str, Any], overwrite: bool = False, threads: int | None =
     except Exception as err:  # noqa: BLE001 - one failed run must not lose the others
         tail = traceback.format_exc().strip().splitlines()[-1]
         outcome.update(ok=False, error=f"{type(err).__name__}: {err} [{tail}]", metrics=None)
+    finally:
+        progress.PIPED_LINES = before
     return outcome
 
 
