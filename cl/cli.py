@@ -1,4 +1,4 @@
-"""Command line: ``cl run | sweep | tune | compare | pretrain | fetch | fake-data | shift | list`` (also ``python -m cl``).
+"""Command line: ``cl run | sweep | tune | compare | pretrain | fetch | fake-data | shift | describe | list`` (also ``python -m cl``).
 
 Input errors (bad config, missing data, unusable weights, run directory in the wrong state) are
 printed as one line and exit with code 2; no traceback, no run directory left behind.
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", choices=["linear", "rbf"], default="linear")
     p.add_argument("--debiased", action="store_true", help="debiased HSIC (for small probe sets)")
     p.add_argument("--out", default=None, help="output directory (default RUN_DIR/shift)")
+
+    p = sub.add_parser("describe", help="every option of a strategy, dataset or PEFT method (type, default, description)")
+    p.add_argument("name", help="e.g. er, cifar100, lora (see cl list)")
 
     p = sub.add_parser("list", help="list registered names")
     p.add_argument("family", choices=["benchmarks", "backbones", "strategies", "peft"])
@@ -332,6 +335,13 @@ def _cmd_fake_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_describe(args: argparse.Namespace) -> int:
+    from cl.describe import describe
+
+    print("\n".join(describe(args.name)))
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from cl.registry import BACKBONES, BENCHMARKS, PEFT, STRATEGIES
 
@@ -346,7 +356,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "run": _cmd_run, "sweep": _cmd_sweep, "tune": _cmd_tune, "compare": _cmd_compare, "pretrain": _cmd_pretrain, "fetch": _cmd_fetch, "fake-data": _cmd_fake_data, "shift": _cmd_shift, "list": _cmd_list,
+    "run": _cmd_run, "sweep": _cmd_sweep, "tune": _cmd_tune, "compare": _cmd_compare, "pretrain": _cmd_pretrain, "fetch": _cmd_fetch, "fake-data": _cmd_fake_data, "shift": _cmd_shift, "describe": _cmd_describe, "list": _cmd_list,
 }
 
 
