@@ -8,6 +8,12 @@ A strategy owns its model, optimiser and memory, and nothing else; the loop in
     after_experience(exp)
     predict(x, task_id)      # scores over the whole label space, -inf where it cannot score
 
+``predict`` may also be called before the first experience and between any two (forward transfer:
+the loop evaluates every task's test set before training when ``train.eval_future_tasks`` is on, the
+default), with ``task_id`` None (class-incremental) or a task id (task-aware), on classes the
+strategy has not seen: it must return scores of shape [batch, n_classes] then too, ``-inf`` where it
+cannot score, never NaN and never an exception.
+
 ``x`` is always what the loop stores: cached float features when the backbone is frozen and the
 strategy only needs features, uint8 images otherwise. :meth:`Strategy.encode` turns either into
 features, so one implementation serves both paths, and replay buffers store the compact form.

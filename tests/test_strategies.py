@@ -62,8 +62,13 @@ def test_matrix_covers_every_registered_strategy():
 def test_strategy_runs_and_state_round_trips(tmp: Path, shared_cache: Path, name: str):
     prep = make(tmp, shared_cache, SETTINGS[name])
     assert prep.strategy.ctx.cached_features  # frozen backbone + feature strategy -> cached path
-    train_stream(prep)
     x = prep.bench.experiences[0].test.x[:8]
+    # the contract: predict may be called before the first experience (forward transfer, the initial
+    # row of the accuracy matrix); scores of the right shape, -inf allowed, never NaN
+    for task_id in (None, 0):
+        before = prep.strategy.predict(x, task_id)
+        assert before.shape == (8, prep.bench.n_classes) and not torch.isnan(before).any()
+    train_stream(prep)
     scores = prep.strategy.predict(x, None)
     assert scores.shape == (8, prep.bench.n_classes)
     assert torch.isfinite(scores).all() or name == "generative_classifier"  # it scores classes present in memory
