@@ -3,8 +3,10 @@
 ``cl compare RUN_DIR...`` (and the end of every ``cl sweep``) finds run directories below the given
 paths, groups them by experiment and run name, and writes:
 
-* ``summary.md`` / ``summary.csv``: the headline metrics, mean ± std over seeds with the 95%
-  confidence interval (Student t), one table per experiment;
+* ``summary.md``: the headline metrics, mean ± std over seeds with the 95% confidence interval
+  (Student t), one table per experiment; ``summary.csv``: the same as numbers (accuracies as
+  fractions), one column per statistic (``final_acc_mean``, ``final_acc_std``, ``final_acc_n``,
+  ``final_acc_ci95_low``, ...), for pandas or a spreadsheet;
 * ``metrics_long.csv``: every numeric scalar of metrics.json (``task_aware.*`` included) with n,
   mean, std and CI;
 * ``plots/``: forgetting curves with seed bands, mean accuracy-matrix heatmaps, anytime accuracy
@@ -338,6 +340,31 @@ def _scenario(recs: Sequence[RunRecord]) -> str | None:
     return done[0].get("scenario") if done else None
 
 
+def headline_numbers(runs: dict[str, list[RunRecord]]) -> tuple[list[str], list[list[Any]]]:
+    """The headline table as numbers (for ``summary.csv``): per row the seeds and, per metric in
+    its own units (accuracies as fractions), ``mean``, ``std``, ``n``, ``ci95_low``, ``ci95_high``;
+    empty where undefined. ``accuracy`` says whether the row reports task-aware or class-incremental
+    accuracies."""
+    keys = [c[1] for c in HEADLINE] + ["final_new_acc", ANYTIME[1]] + [c[1] for c in COST]
+    header = ["strategy", "seeds", "accuracy"] + [f"{k}_{s}" for k in keys for s in ("mean", "std", "n", "ci95_low", "ci95_high")]
+    rows = []
+    for name, recs in runs.items():
+        agg = aggregate(recs)
+        done = [r for r in recs if r.metrics]
+        task_aware = _scenario(recs) == "task_incremental"
+        row: list[Any] = [name, len(done), "task-aware" if task_aware else "class-incremental"]
+        for key in keys:
+            st = agg.get(metric_key(key, task_aware, done[0].metrics) if done else key, Stats())  # type: ignore[arg-type]
+            lo, hi = st.ci95 or (None, None)
+            row += [_num(st.mean), _num(st.std), st.n or "", _num(lo), _num(hi)]
+        rows.append(row)
+    return header, rows
+
+
+def _num(value: float | None) -> Any:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
 def headline_table(runs: dict[str, list[RunRecord]], ci: bool = False) -> tuple[list[str], list[list[str]]]:
     """One row per run group. Task-incremental rows report task-aware accuracy; when an experiment
     mixes scenarios, an ``accuracy`` column says which accuracy each row reports."""
@@ -571,14 +598,16 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str =
     plots.mkdir(parents=True, exist_ok=True)
     paired_rows: list[list[str]] = []
     texts, md, html_parts = [], [f"# {title}\n"], [f"<h1>{html.escape(title)}</h1>"]
-    csv_rows: list[list[str]] = []
+    csv_rows: list[list[Any]] = []
+    csv_header: list[str] = []
     long_rows: list[list[Any]] = []
     for experiment, runs in groups.items():
         header, rows = headline_table(runs, ci=True)
         notes = problems(runs)
         texts.append(f"== {experiment} ==\n" + plain(*headline_table(runs)) + "".join(f"\n  note: {n}" for n in notes))
         md.append(f"\n## {experiment}\n\n" + markdown(header, rows) + "".join(f"\n- {n}" for n in notes) + "\n")
-        csv_rows += [[experiment] + r for r in rows]
+        csv_header, numbers = headline_numbers(runs)
+        csv_rows += [[experiment] + r for r in numbers]
         for name, recs in runs.items():
             for key, st in sorted(aggregate(recs).items()):
                 lo, hi = st.ci95 or (None, None)
@@ -602,7 +631,7 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str =
             md.append(f"\n![{caption}](plots/{path.name})\n")
             html_parts.append(f"<h3>{html.escape(caption)}</h3><img src='{_png_data(path)}' style='max-width:100%'>")
     atomic_write_text(out / "summary.md", "".join(md))
-    _write_csv(out / "summary.csv", ["experiment"] + (headline_table(next(iter(groups.values())), ci=True)[0] if groups else []), csv_rows)
+    _write_csv(out / "summary.csv", ["experiment"] + csv_header, csv_rows)
     if baseline is not None:
         _write_csv(out / "paired.csv", ["experiment", "baseline", "strategy", "paired seeds"] + [f"delta {k} (pts) [95% CI]" for _, k, _ in PAIRED], paired_rows)
     _write_csv(out / "metrics_long.csv", ["experiment", "run", "metric", "n", "mean", "std", "ci95_low", "ci95_high"], long_rows)

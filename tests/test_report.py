@@ -74,6 +74,16 @@ def test_discovery_aggregation_missing_seed_and_failed_run(tmp: Path):
     assert float(rows[("er", "final_acc")]["ci95_low"]) == pytest.approx(0.7 - 4.302652729911275 * 0.1 / math.sqrt(3))
     for name in ("report.html", "summary.csv", "plots/exp_forgetting_curves.png", "plots/exp_cost.png"):
         assert (tmp / "report" / name).is_file(), name
+    # summary.csv: numbers, one column per statistic, readable by any CSV reader
+    summary_rows = {r["strategy"]: r for r in csv.DictReader(open(tmp / "report" / "summary.csv"))}
+    er_row, ft_row = summary_rows["er"], summary_rows["ft"]
+    assert er_row["experiment"] == "exp" and er_row["seeds"] == "3" and er_row["accuracy"] == "class-incremental"
+    assert float(er_row["final_acc_mean"]) == pytest.approx(0.7) and float(er_row["final_acc_std"]) == pytest.approx(0.1)
+    assert float(er_row["final_acc_ci95_high"]) == pytest.approx(0.7 + 4.302652729911275 * 0.1 / math.sqrt(3))
+    assert float(er_row["forgetting_mean"]) == pytest.approx(0.3) and float(er_row["final_new_acc_mean"]) == pytest.approx(0.8)
+    assert float(er_row["wall_time_s_mean"]) == pytest.approx(3.0) and float(er_row["stored_bytes_total_mean"]) == 25  # last stored_bytes + memory_bytes
+    assert ft_row["seeds"] == "2" and float(ft_row["final_acc_mean"]) == pytest.approx(0.25)
+    assert er_row["avg_anytime_acc_mean"] == "" and er_row["avg_anytime_acc_n"] == ""  # not an online run: empty, not 0
 
 
 def test_task_incremental_runs_are_compared_task_aware(tmp: Path):
