@@ -52,7 +52,7 @@ def is_path_field(field: Any) -> bool:
 # Keys that cannot change a result: a run may be reused or resumed with other values, and --set on
 # them does not rename the run. Paths (data roots, weights files) are identified by content instead:
 # the data fingerprint and the weights checksum are part of a run's identity (cl.engine.rundir).
-VOLATILE_KEYS = ("progress", "out_dir", "data_root", "cache_dir", "num_threads", "train.checkpoint", "loader")
+VOLATILE_KEYS = ("progress", "out_dir", "data_root", "cache_dir", "num_threads", "train.checkpoint", "train.keep_checkpoints", "loader")
 # Keys added after runs existed whose default reproduces what those runs did: at that default they
 # are left out of a run's identity, so a run made before the key existed is still recognised (and
 # reused or resumed) instead of refused as a different config. Any other value is part of it.
@@ -257,6 +257,9 @@ class TrainConfig(Model):
         True, description="also evaluate tasks not trained yet (needed for forward transfer)"
     )
     checkpoint: bool = Field(True, description="checkpoint after every experience (needed for --resume)")
+    keep_checkpoints: Literal["all", "last", "none"] = Field(
+        "all", description="once the run has finished: all = the last two checkpoints, last = the last one, none = delete them"
+    )
     max_steps: int | None = Field(None, ge=1, description="cap on optimiser steps per experience (smoke runs); null = every batch of every epoch")
 
 

@@ -144,3 +144,20 @@ def test_nan_loss_stops_with_a_clear_error(tmp: Path, shared_cache: Path, monkey
     assert main(["run", str(path)]) == 1
     assert "loss term 'loss' became nan" in capsys.readouterr().err
     assert not (tmp / "runs" / "tiny" / "finetune" / "seed0" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("keep, left", [("all", ["last.pt", "prev.pt"]), ("last", ["last.pt"]), ("none", [])])
+def test_keep_checkpoints_prunes_only_after_the_run_finished(tmp: Path, shared_cache: Path, keep: str, left: list[str]):
+    from cl.engine.rundir import planned_state
+
+    data = tiny_config(tmp, cache_dir=str(shared_cache), train={"epochs": 1, "batch_size": 16, "keep_checkpoints": keep})
+    cfg = parse_run_config(data)
+    assert run(cfg, stop_after=2) is None  # unfinished: both checkpoints stay, whatever keep says
+    assert sorted(p.name for p in (cfg.run_dir() / "ckpt").glob("*.pt")) == ["last.pt", "prev.pt"]
+    metrics = run(cfg, resume=True)
+    assert sorted(p.name for p in (cfg.run_dir() / "ckpt").glob("*.pt")) == left
+    # the setting is not part of the run's identity: the finished run is the same run under any value
+    for other in ("all", "last", "none"):
+        again = parse_run_config({**data, "train": {**data["train"], "keep_checkpoints": other}})
+        assert again.run_dir() == cfg.run_dir() and planned_state(again)[0] == "finished"
+    assert run(cfg, resume=True)["final_acc"] == metrics["final_acc"]  # reported as is, checkpoints or not

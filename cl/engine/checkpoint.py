@@ -52,3 +52,13 @@ def load_checkpoint(directory: Path) -> dict[str, Any] | None:
             problems.append(f"{path.name}: {why}")
             warnings.warn(f"checkpoint {path} is unreadable ({why}); trying an older one", stacklevel=2)
     raise RunDirError(f"no readable checkpoint in {directory} ({'; '.join(problems)})")
+
+
+def prune_checkpoints(directory: Path, keep: str) -> None:
+    """After a run has finished (``metrics.json`` written): keep ``all`` (last and previous), the
+    ``last`` one, or ``none``. Only the files :func:`save_checkpoint` writes are removed."""
+    names = {"all": (), "last": ("prev.pt",), "none": ("prev.pt", "last.pt")}[keep]
+    for name in names:
+        path = directory / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink()

@@ -36,7 +36,7 @@ from cl.data.benchmark import Benchmark, Experience, Split, build_benchmark
 from cl.data import disk
 from cl.data.disk import cat_images, configure_loader
 from cl.data.fakes import refuse_fake_data
-from cl.engine.checkpoint import load_checkpoint, save_checkpoint
+from cl.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from cl.engine.evaluate import EvalRow, accuracy_on_classes, evaluate
 from cl.engine.probes import ProbeRecorder
 from cl.engine.progress import Progress
@@ -589,6 +589,7 @@ class _Loop:
         write_json(self.run_dir / "metrics.json", result)  # last: its presence marks the run finished
         self.log.write("run_end", wall_time_s=wall, final_acc=result["final_acc"])
         self.log.close()
+        prune_checkpoints(self.run_dir / "ckpt", self.cfg.train.keep_checkpoints)
         return result
 
     def _plots(self, result: dict[str, Any]) -> None:
