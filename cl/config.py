@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import reprlib
@@ -56,7 +57,10 @@ VOLATILE_KEYS = ("progress", "out_dir", "data_root", "cache_dir", "num_threads",
 # Keys added after runs existed whose default reproduces what those runs did: at that default they
 # are left out of a run's identity, so a run made before the key existed is still recognised (and
 # reused or resumed) instead of refused as a different config. Any other value is part of it.
-IDENTITY_DEFAULTS: dict[str, Any] = {"backbone.cache_dtype": "float32"}
+IDENTITY_DEFAULTS: dict[str, Any] = {
+    "backbone.cache_dtype": "float32",
+    "train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_milestones": [], "train.lr_gamma": 0.1, "train.grad_clip_norm": None,
+}
 # Keys that place a run directory rather than describe the run.
 PLACEMENT_KEYS = ("experiment", "run_name", "seed")
 
@@ -261,6 +265,27 @@ class TrainConfig(Model):
         "all", description="once the run has finished: all = the last two checkpoints, last = the last one, none = delete them"
     )
     max_steps: int | None = Field(None, ge=1, description="cap on optimiser steps per experience (smoke runs); null = every batch of every epoch")
+    lr_schedule: Literal["constant", "cosine", "step"] = Field(
+        "constant", description="learning rate over each experience's optimiser steps: cosine to 0, or x lr_gamma at each of lr_milestones (epochs)"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 over the first steps of each experience")
+    lr_milestones: list[int] = Field(default_factory=list, description="step schedule: epochs (0-based) at which the rate is multiplied by lr_gamma")
+    lr_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: the factor at each milestone")
+    grad_clip_norm: float | None = Field(None, gt=0, description="clip the gradients' global L2 norm to this before each step; null = no clipping")
+
+    def lr_factor(self, step: int, total: int, epoch: int) -> float:
+        """Multiplier of the base learning rate at optimiser ``step`` (0-based) of ``total`` in an
+        experience, during ``epoch``."""
+        factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.lr_schedule == "cosine":
+            factor *= 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+        elif self.lr_schedule == "step":
+            factor *= self.lr_gamma ** sum(epoch >= m for m in self.lr_milestones)
+        return factor
+
+    @property
+    def scheduled(self) -> bool:
+        return self.lr_schedule != "constant" or self.warmup_steps > 0
 
 
 class ShiftConfig(Model):
@@ -779,9 +804,14 @@ def check_semantics(cfg: RunConfig) -> None:
         path = Path(cfg.backbone.weights.path or "")
         if not path.is_file():
             raise ConfigError(f"backbone.weights.path: file not found: {path}")
-    if cfg.benchmark.scenario == "domain_incremental":
-        from cl.registry import STRATEGIES
+    from cl.registry import STRATEGIES
 
+    train = cfg.train
+    if (train.scheduled or train.grad_clip_norm is not None) and getattr(STRATEGIES.get(cfg.strategy.name), "trains_itself", False):
+        raise ConfigError(f"train.lr_schedule / warmup_steps / grad_clip_norm: strategy {cfg.strategy.name} runs its own training loop and would ignore them")
+    if train.lr_milestones and train.lr_schedule != "step":
+        raise ConfigError("train.lr_milestones: only used by lr_schedule: step")
+    if cfg.benchmark.scenario == "domain_incremental":
         if not getattr(STRATEGIES.get(cfg.strategy.name), "domain_incremental", False):
             raise ConfigError(f"strategy.name: {cfg.strategy.name} assumes new classes per experience and does not run domain-incremental streams")
     check = getattr(cfg.strategy, "check", None)

@@ -163,20 +163,40 @@ class Strategy:
 
     # ---- helpers ----------------------------------------------------------------------------
 
+    # (optimiser step within the experience, steps in the experience, epoch): set by the loop before
+    # each observe, read by optimizer_step for train.lr_schedule / warmup_steps
+    lr_position: tuple[int, int, int] = (0, 1, 0)
+
     def optimizer_step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
         """zero_grad, backward, step; under fp16 with a gradient scaler (the backbone's float16
-        gradients would underflow; steps whose gradients overflow are skipped and the scale lowered)."""
+        gradients would underflow; steps whose gradients overflow are skipped and the scale lowered).
+        With ``train.lr_schedule``/``warmup_steps`` every parameter group's rate is its base rate
+        times the schedule's factor at ``lr_position``; with ``train.grad_clip_norm`` the gradients'
+        global norm is clipped first."""
+        train = self.ctx.train
         optimizer.zero_grad(set_to_none=True)
-        if self.ctx.precision != "fp16":
+        if train.scheduled:  # the rate at this step of the experience (set by the loop: lr_position)
+            factor = train.lr_factor(*self.lr_position)
+            for group in optimizer.param_groups:
+                group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+        scaler = None
+        if self.ctx.precision == "fp16":
+            scaler = getattr(self, "_grad_scaler", None)
+            if scaler is None:
+                scaler = self._grad_scaler = torch.amp.GradScaler(self.device.type)
+            scaler.scale(loss).backward()
+        else:
             loss.backward()
-            optimizer.step()
-            return
-        scaler = getattr(self, "_grad_scaler", None)
+        if train.grad_clip_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, train.grad_clip_norm)
         if scaler is None:
-            scaler = self._grad_scaler = torch.amp.GradScaler(self.device.type)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
 
     def encode(self, x: Tensor) -> Tensor:
         """Features of a stored batch: cached features pass through, images go through the backbone."""

@@ -749,8 +749,14 @@ def test_keys_added_later_keep_older_runs_recognised_at_their_old_default(tmp: P
     from cl.config import IDENTITY_DEFAULTS, config_hash
     from cl.engine.rundir import result_config, result_hash
 
-    assert IDENTITY_DEFAULTS == {"backbone.cache_dtype": "float32"}
+    from cl.config import config_to_dict, flatten
+
     cfg = parse_run_config(tiny_config(tmp))
+    flat_defaults = flatten(config_to_dict(cfg))
+    assert {"backbone.cache_dtype", "train.lr_schedule", "train.grad_clip_norm"} <= set(IDENTITY_DEFAULTS)
+    for key, value in IDENTITY_DEFAULTS.items():  # each is the key's real default, and left out of the identity
+        assert flat_defaults[key] == value, key
+        assert key not in flatten(result_config(cfg)), key
     old = result_config(cfg)
     assert "cache_dtype" not in old["backbone"] and result_hash(cfg) == config_hash(old)
     half = parse_run_config(tiny_config(tmp, backbone={"cache_dtype": "float16"}))

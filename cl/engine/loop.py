@@ -458,12 +458,16 @@ class _Loop:
             self.log.write("epoch", experience=i, epoch=epochs - 1, steps=None)
             return
         budget = self.cfg.train.max_steps
+        steps = math.ceil(len(data) / self.cfg.train.batch_size)
+        total = steps * epochs if budget is None else min(steps * epochs, budget)  # optimiser steps of the experience
+        done = 0
         for epoch in range(epochs):
             self.strategy.before_epoch(epoch)
             meter = _LossMeter()
-            steps = math.ceil(len(data) / self.cfg.train.batch_size)
             self.progress.start_epoch(i, epoch, epochs, steps if budget is None else min(steps, budget))
             for xb, yb in itertools.islice(data.batches(self.cfg.train.batch_size, self.generator), budget):
+                self.strategy.lr_position = (done, total, epoch)
+                done += 1
                 terms = self.strategy.observe(xb, yb, exp.task_id)
                 meter.add(terms, f"experience {i}, epoch {epoch}")
                 self.samples_seen += len(yb)
@@ -481,8 +485,10 @@ class _Loop:
         self.strategy.before_epoch(0)
         next_eval = (self.samples_seen // online.eval_every + 1) * online.eval_every
         steps = math.ceil(len(exp.train) / online.batch_size)
-        self.progress.start_epoch(exp.index, 0, 1, steps if self.cfg.train.max_steps is None else min(steps, self.cfg.train.max_steps))
-        for xb, yb in itertools.islice(exp.train.batches(online.batch_size, self.generator), self.cfg.train.max_steps):  # single pass
+        total = steps if self.cfg.train.max_steps is None else min(steps, self.cfg.train.max_steps)
+        self.progress.start_epoch(exp.index, 0, 1, total)
+        for done, (xb, yb) in enumerate(itertools.islice(exp.train.batches(online.batch_size, self.generator), self.cfg.train.max_steps)):  # single pass
+            self.strategy.lr_position = (done, total, 0)
             terms = self.strategy.observe(xb, yb, exp.task_id)
             meter.add(terms, f"experience {exp.index}, sample {self.samples_seen}")
             self.samples_seen += len(yb)
