@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, Sequence
 
 from cl.errors import TrainingDiverged, UserError
-from cl.registry import UnknownNameError
+from cl.registry import PluginError, UnknownNameError
 
 if TYPE_CHECKING:
     from cl.config import RunConfig
@@ -27,6 +27,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.epochs=3 (repeatable)")
     parser.add_argument("--out", default=None, help="root directory of run outputs (config key out_dir)")
+    _import_option(parser)
+
+
+def _import_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE|FILE.py",
+                        help="a module or .py file registering strategies, datasets or PEFT methods (repeatable; config key plugins)")
+
+
+def _imports(args: argparse.Namespace) -> list[str]:
+    """``--import`` values as config ``plugins`` entries (files made absolute), imported here already."""
+    from cl.plugins import import_plugins, is_file_spec
+
+    specs = [str(Path(s).expanduser().absolute()) if is_file_spec(s) else s for s in getattr(args, "imports", [])]
+    import_plugins(specs)
+    return specs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="download what a config needs (dataset, hub weights) into the caches, without running it")
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    _import_option(p)
 
     p = sub.add_parser("fake-data", help="write tiny fake datasets in their official layouts, for --smoke where the data are absent")
     p.add_argument("root", help="directory to write (new, empty, or an earlier fake-data root); then --set data_root=ROOT")
@@ -100,33 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("describe", help="every option of a strategy, dataset or PEFT method (type, default, description)")
     p.add_argument("name", help="e.g. er, cifar100, lora (see cl list)")
+    _import_option(p)
 
     p = sub.add_parser("list", help="list registered names")
     p.add_argument("family", choices=["benchmarks", "backbones", "strategies", "peft"])
     p.add_argument("pattern", nargs="?", default="*", help="glob filter, e.g. 'resnet*'")
+    _import_option(p)
     return parser
 
 
-def load_cli_config(path: str, overrides: list[str], out: str | None, smoke: bool = False) -> RunConfig:
+def load_cli_config(path: str, overrides: list[str], out: str | None, smoke: bool = False, imports: list[str] | None = None) -> RunConfig:
     """A run config as ``cl run`` sees it: YAML, then ``--set`` (which names the run), then ``--out``,
-    then the smoke rewrite (``--smoke``)."""
-    from cl.config import apply_overrides, load_yaml, parse_run_config
-    from cl.engine.rundir import name_run
+    then ``--import``, then the smoke rewrite (``--smoke``)."""
+    from cl.api import load_config
 
-    data = load_yaml(path)
-    if "tune" in data:
-        raise UserError(f"{path} is a tuning file, not a run config: run it with `cl tune {path}`")
-    if "suite" in data:
-        raise UserError(f"{path} is a suite, not a run config: run it with `cl sweep {path}`")
-    data = name_run(apply_overrides(data, overrides), overrides, data)
-    if out is not None:
-        data["out_dir"] = out
-    cfg = parse_run_config(data)
-    if smoke:
-        from cl.engine.smoke import smoke_config
-
-        _, cfg = smoke_config(data, cfg)
-    return cfg
+    return load_config(path, overrides, out_dir=out, smoke=smoke, plugins=imports or ())
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -134,7 +138,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after must be >= 1, got {args.stop_after}")
-    cfg = load_cli_config(args.config, args.overrides, args.out, args.smoke)
+    cfg = load_cli_config(args.config, args.overrides, args.out, args.smoke, _imports(args))
     if args.estimate and not args.dry_run:
         raise UserError("--estimate goes with --dry-run")
     if args.dry_run:
@@ -183,7 +187,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.estimate and not args.dry_run:
         raise UserError("--estimate goes with --dry-run")
     if args.dry_run:
-        suite, planned = plan_suite(args.suite, args.overrides, args.out, args.smoke)
+        suite, planned = plan_suite(args.suite, args.overrides, args.out, args.smoke, _imports(args))
         for run, (state, why) in zip(planned, plan_states(planned, args.overwrite)):
             print(f"{state:<16} {run.cfg.run_dir()}" + (f"  ({why})" if why else ""))
         check_plan(planned, args.overwrite)
@@ -200,7 +204,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     text, outcomes = run_suite(args.suite, args.overrides, args.out, overwrite=args.overwrite,
                                jobs=args.jobs, executor=args.executor, ray_address=args.ray_address, smoke=args.smoke,
-                               slurm=_slurm_options(args))
+                               slurm=_slurm_options(args), imports=_imports(args))
     print(text)
     failed = [o for o in outcomes if not o["ok"]]
     if failed:
@@ -241,6 +245,8 @@ def _slurm_options(args: argparse.Namespace):  # noqa: ANN202
 def _cmd_tune(args: argparse.Namespace) -> int:
     from cl.engine.tune import tune
 
+    if args.imports:  # trials are planned from the tuning file's config alone, in other processes too
+        raise UserError("cl tune --import: list the plugin under `plugins:` in the run config the tuning file names")
     if args.trials is not None and args.trials < 1:
         raise UserError(f"--trials must be >= 1, got {args.trials}")
     summary = tune(args.tune_file, args.overrides, args.out, trials=args.trials, overwrite=args.overwrite)
@@ -284,7 +290,7 @@ def _is_smoke(record: object) -> bool:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from cl.engine.loop import prepare_inputs
 
-    cfg = load_cli_config(args.config, args.overrides, args.out)
+    cfg = load_cli_config(args.config, args.overrides, args.out, imports=_imports(args))
     if cfg.backbone.weights.source != "pretrain":
         raise UserError(f"backbone.weights.source is '{cfg.backbone.weights.source}'; nothing to pretrain")
     w = prepare_inputs(cfg, want_features=False).backbone.weights  # the same threads and cache entry as a run
@@ -311,7 +317,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     from cl.data.benchmark import build_benchmark
     from cl.models.backbone import create_backbone, hub_input_hint
 
-    cfg = load_cli_config(args.config, args.overrides, None)
+    cfg = load_cli_config(args.config, args.overrides, None, imports=_imports(args))
     bench = build_benchmark(cfg.benchmark, cfg.resolved_data_root(), cfg.seed, hub_input_hint(cfg.backbone))
     src = bench.source
     print(f"dataset {cfg.benchmark.dataset.name}: {src.origin} ({len(src.y_train)} train, {len(src.y_test)} test images)")
@@ -338,15 +344,21 @@ def _cmd_fake_data(args: argparse.Namespace) -> int:
 def _cmd_describe(args: argparse.Namespace) -> int:
     from cl.describe import describe
 
+    _imports(args)
     print("\n".join(describe(args.name)))
     return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from cl.plugins import listing
     from cl.registry import BACKBONES, BENCHMARKS, PEFT, STRATEGIES
 
-    family = {"benchmarks": BENCHMARKS, "backbones": BACKBONES, "strategies": STRATEGIES, "peft": PEFT}[args.family]
-    rows = [(n, h) for n, h in family.describe() if fnmatch.fnmatch(n, args.pattern)]
+    _imports(args)
+    if args.family == "backbones":  # every architecture timm knows: this one imports timm (and torch)
+        rows = BACKBONES.describe()
+    else:  # names and help from entry points and source text: nothing is imported
+        rows = listing({"benchmarks": BENCHMARKS, "strategies": STRATEGIES, "peft": PEFT}[args.family])
+    rows = [(n, h) for n, h in rows if fnmatch.fnmatch(n, args.pattern)]
     width = max((len(n) for n, _ in rows), default=0)
     for name, text in rows:
         print(f"{name:<{width}}  {text}".rstrip())
@@ -402,7 +414,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (UserError, UnknownNameError) as err:
+    except (UserError, UnknownNameError, PluginError) as err:
         return fail(str(err))
     except TrainingDiverged as err:
         return fail(str(err), 1)

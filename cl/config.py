@@ -60,6 +60,7 @@ VOLATILE_KEYS = ("progress", "out_dir", "data_root", "cache_dir", "num_threads",
 IDENTITY_DEFAULTS: dict[str, Any] = {
     "backbone.cache_dtype": "float32",
     "train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_milestones": [], "train.lr_gamma": 0.1, "train.grad_clip_norm": None,
+    "plugins": [],
 }
 # Keys that place a run directory rather than describe the run.
 PLACEMENT_KEYS = ("experiment", "run_name", "seed")
@@ -339,6 +340,9 @@ class RunConfig(Model):
     smoke: bool = Field(False, description="a smoke rehearsal (cl run --smoke): a few samples and steps, not a measurement")
     num_threads: int | None = Field(None, ge=1)
     progress: bool = True
+    plugins: list[str] = Field(
+        default_factory=list, description="modules or .py files (relative to this YAML) registering strategies, datasets or PEFT methods; cl run --import adds one"
+    )
     benchmark: BenchmarkConfig
     backbone: BackboneConfig
     strategy: Annotated[StrategyConfig, Polymorphic(STRATEGIES)]
@@ -361,6 +365,16 @@ class RunConfig(Model):
         if self.smoke and Path(self.out_dir).name != "smoke":
             raise ValueError("smoke: true is set by --smoke (which runs into OUT/smoke), not by hand")
         return self
+
+    @field_validator("plugins")
+    @classmethod
+    def _plugins_imported(cls, value: list[str]) -> list[str]:
+        from cl.plugins import import_plugins
+
+        if any(not spec for spec in value):
+            raise ValueError("an empty plugin name")
+        import_plugins(value)  # already done before validation (parse_run_config); a no-op here
+        return value
 
     @field_validator("experiment")
     @classmethod
@@ -449,6 +463,11 @@ def resolve_paths(raw: Any, base_dir: Path, model: type[BaseModel] | None = None
     if not isinstance(raw, dict):
         return raw
     out = dict(raw)
+    if model is RunConfig and isinstance(raw.get("plugins"), list):
+        from cl.plugins import import_plugins, is_file_spec
+
+        out["plugins"] = [_absolute(s, base_dir) if isinstance(s, str) and is_file_spec(s) else s for s in raw["plugins"]]
+        import_plugins(out["plugins"])  # so the sections below find a plugin's config classes
     for key, value in raw.items():
         field = model.model_fields.get(key) if isinstance(key, str) else None
         if field is None:
@@ -711,6 +730,9 @@ def _fill_defaults(model: type[BaseModel], raw: Any) -> Any:
 
 def parse_run_config(data: dict[str, Any]) -> RunConfig:
     """Validate a raw (already merged) dict into a RunConfig, or raise ConfigError."""
+    from cl.plugins import import_plugins
+
+    import_plugins(data.get("plugins"))  # before the strategy and dataset sections pick their classes
     data = _fill_defaults(RunConfig, data)
     model = _specialise(RunConfig, data)
     try:

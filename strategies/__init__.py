@@ -1,3 +1,5 @@
-"""Continual-learning strategies, one file each; importing this package registers them all."""
+"""Continual-learning strategies, one file each.
 
-from strategies import aper, avalanche_baselines, confit, er, er_task_aware, finetune, generative_classifier, joint, l2p, peft_per_task, ranpac, simplecil  # noqa: F401
+Importing this package registers nothing: each strategy is an entry point of the ``cl.strategies``
+group (pyproject.toml), and ``STRATEGIES`` imports a strategy's file the first time its name is used.
+"""

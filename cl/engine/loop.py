@@ -44,6 +44,7 @@ from cl.engine.rundir import JsonlLog, check_before_run, open_run_dir, run_ident
 from cl.models.backbone import Backbone, check_input, create_backbone, hub_input_hint
 from cl.models.features import cached_features
 from cl.models.pretrain import get_pretrained
+from cl.plugins import provenance as plugin_provenance
 from cl.registry import STRATEGIES
 from cl.errors import ConfigError, RunDirError, TrainingDiverged, UserError
 from cl.utils import DEFAULT_THREADS, autocast_forward, environment_info, remove_stale_temps, peak_rss_mb, resolve_device, seed_everything, torch_threads, write_json
@@ -337,6 +338,7 @@ class _Loop:
             "input_transform": self.prep.backbone.transform.to_dict(),
             "cached_features": self.strategy.ctx.cached_features,
             "loader": asdict(disk.LOADER),  # how streamed images were decoded (speed only)
+            **({"plugins": plugin_provenance(self.cfg.plugins)} if self.cfg.plugins else {}),
         }
 
     def _record_resume(self) -> None:

@@ -68,6 +68,10 @@ def result_config(cfg: RunConfig) -> dict[str, Any]:
     data = _without_paths(cfg, config_to_dict(cfg))
     for key in (*VOLATILE_KEYS, "experiment", "run_name"):
         _drop(data, key)
+    if data.get("plugins"):  # a plugin by its module name, not by where its file happens to lie
+        from cl.plugins import import_plugin
+
+        data["plugins"] = [import_plugin(spec)["module"] for spec in data["plugins"]]
     flat = flatten(data)
     for key, default in IDENTITY_DEFAULTS.items():
         if key in flat and flat[key] == default:

@@ -86,7 +86,8 @@ class PlannedRun:
 
 
 def plan_suite(
-    path: str | Path, cli_overrides: list[str] | None = None, out_dir: str | None = None, smoke: bool = False
+    path: str | Path, cli_overrides: list[str] | None = None, out_dir: str | None = None, smoke: bool = False,
+    imports: list[str] | None = None,
 ) -> tuple[SuiteConfig, list[PlannedRun]]:
     """Expand and validate every run of a suite; raises ConfigError naming the entry at fault.
 
@@ -113,6 +114,8 @@ def plan_suite(
     if "suite" in base:
         raise ConfigError(f"{path}: config {suite.config} is a suite, not a run config")
     base = deep_merge(base, suite.overrides)
+    if imports:  # cl sweep --import: every run imports the plugin (in its own process too)
+        base["plugins"] = [*(base.get("plugins") or []), *imports]
     benchmarks: list[SuiteEntry | None] = list(suite.benchmarks) or [None]
     planned = []
     for bench in benchmarks:
@@ -391,12 +394,13 @@ def run_suite(
     ray_address: str | None = None,
     smoke: bool = False,
     slurm: Any = None,
+    imports: list[str] | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
     """Plan, warm shared caches, execute, then write the comparison report to ``<out>/<suite>/``
     (``<out>/<suite>/report,<overrides>/`` when ``--set`` overrides change results)."""
     from analysis.report import RunRecord, write_report
 
-    suite, planned = plan_suite(path, cli_overrides, out_dir, smoke)
+    suite, planned = plan_suite(path, cli_overrides, out_dir, smoke, imports)
     check_plan(planned, overwrite)
     root = report_dir(suite, planned, cli_overrides)
     check_report_dir(root, planned[0].cfg.out_dir)
