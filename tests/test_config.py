@@ -173,3 +173,19 @@ def test_cli_list(capsys):
         assert name in out
     assert main(["list", "backbones", "resnet1*"]) == 0
     assert "resnet18" in capsys.readouterr().out
+
+
+def test_a_dataset_changed_by_set_warns_that_the_experiment_folder_did_not(tmp):
+    import warnings
+
+    from cl.api import load_config
+    from tests.conftest import tiny_config
+
+    base = tiny_config(tmp)
+    with pytest.warns(UserWarning, match=r"changed the dataset from 'synthetic' to 'digits' but the run is still filed under experiment 'tiny'"):
+        cfg = load_config(base, ["benchmark.dataset={name: digits}", "benchmark.n_experiences=5"])
+    assert cfg.experiment == "tiny" and cfg.benchmark.dataset.name == "digits"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(base, ["benchmark.dataset={name: digits}", "benchmark.n_experiences=5", "experiment=digits_tiny"]).experiment == "digits_tiny"
+        load_config(base, ["benchmark.dataset.n_classes=9"])  # the same dataset: no warning

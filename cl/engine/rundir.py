@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import warnings
 import os
 import shutil
 import time
@@ -440,11 +441,29 @@ def override_label(overrides: list[str], before: dict[str, Any], limit: int = 96
     return label
 
 
+def _dataset_name(data: dict[str, Any]) -> Any:
+    bench = data.get("benchmark")
+    dataset = bench.get("dataset") if isinstance(bench, dict) else None
+    return dataset.get("name") if isinstance(dataset, dict) else None
+
+
+def _warn_if_dataset_moved(data: dict[str, Any], overrides: list[str], before: dict[str, Any]) -> None:
+    """``--set benchmark.dataset.name=digits`` on an fmnist config would file a digits run under the
+    config's experiment folder (``fmnist_b4inc2``): say so, unless the experiment was set too."""
+    if any(parse_override(t)[0] == ["experiment"] for t in overrides):
+        return
+    old, new = _dataset_name(before), _dataset_name(data)
+    if old != new and isinstance(new, str):
+        warnings.warn(f"--set changed the dataset from '{old}' to '{new}' but the run is still filed under experiment "
+                      f"'{data.get('experiment', 'default')}'; add --set experiment=NAME to file it under a name of its own", stacklevel=3)
+
+
 def name_run(data: dict[str, Any], overrides: list[str], before: dict[str, Any]) -> dict[str, Any]:
     """Give a run built with ``--set`` overrides its own directory: ``<name>,<label>``.
 
     An explicit ``--set run_name=...`` is kept as given (identity checks still refuse a clash).
     """
+    _warn_if_dataset_moved(data, overrides, before)
     if any(parse_override(t)[0] == ["run_name"] for t in overrides):
         return data
     strategy = data.get("strategy")
