@@ -182,8 +182,9 @@ def discover_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
     failures: list[dict[str, Any]] = []
     for root in map(Path, paths):
         candidates = [root] if (root / "config.yaml").is_file() or (root / "metrics.json").is_file() else []
-        candidates += [p.parent for p in root.rglob("config.yaml") if "ckpt" not in p.parts]
-        candidates += [p.parent for p in root.rglob("metrics.json")]
+        # not below hidden folders (OUT_DIR/.wandb holds W&B's own config.yaml files) nor checkpoints
+        found_below = [p.parent for name in ("config.yaml", "metrics.json") for p in root.rglob(name)]
+        candidates += [d for d in found_below if not any(part.startswith(".") or part == "ckpt" for part in d.relative_to(root).parts)]
         for run_dir in candidates:
             key = run_dir.resolve()
             if key in found:

@@ -53,7 +53,7 @@ def is_path_field(field: Any) -> bool:
 # Keys that cannot change a result: a run may be reused or resumed with other values, and --set on
 # them does not rename the run. Paths (data roots, weights files) are identified by content instead:
 # the data fingerprint and the weights checksum are part of a run's identity (cl.engine.rundir).
-VOLATILE_KEYS = ("progress", "out_dir", "data_root", "cache_dir", "num_threads", "train.checkpoint", "train.keep_checkpoints", "loader")
+VOLATILE_KEYS = ("progress", "out_dir", "data_root", "cache_dir", "num_threads", "train.checkpoint", "train.keep_checkpoints", "loader", "loggers")
 # Keys added after runs existed whose default reproduces what those runs did: at that default they
 # are left out of a run's identity, so a run made before the key existed is still recognised (and
 # reused or resumed) instead of refused as a different config. Any other value is part of it.
@@ -297,6 +297,25 @@ class ShiftConfig(Model):
     seed: Seed = 0
 
 
+class WandbLoggerConfig(Model):
+    project: str = Field("cl", min_length=1, description="W&B project")
+    entity: str | None = Field(None, description="W&B team or user (online mode)")
+    mode: Literal["offline", "online"] = Field("offline", description="offline: files in RUN_DIR/wandb/, uploaded later by `wandb sync`")
+
+
+class MlflowLoggerConfig(Model):
+    tracking_uri: str | None = Field(None, description="default: sqlite:///OUT_DIR/mlflow.db (one database for every run under out_dir)")
+    experiment: str | None = Field(None, description="MLflow experiment name (default: the run's experiment)")
+
+
+class LoggersConfig(Model):
+    """Mirrors of log.jsonl in experiment trackers. They change what is displayed, never results (not part of a run's identity)."""
+
+    tensorboard: bool = Field(False, description="TensorBoard event files in RUN_DIR/tensorboard/")
+    wandb: WandbLoggerConfig | None = Field(None, description="Weights & Biases ({} = offline, project 'cl'); null = off")
+    mlflow: MlflowLoggerConfig | None = Field(None, description="MLflow ({} = local sqlite store under out_dir); null = off")
+
+
 class LoaderConfig(Model):
     """How images on disk reach the model. Changes speed and memory, never results (not part of a run's identity)."""
 
@@ -349,6 +368,7 @@ class RunConfig(Model):
     train: TrainConfig = Field(default_factory=TrainConfig)
     shift: ShiftConfig = Field(default_factory=ShiftConfig)
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    loggers: LoggersConfig = Field(default_factory=LoggersConfig)
 
     @property
     def name(self) -> str:

@@ -19,6 +19,7 @@ directory is touched, so bad input never leaves a half-written run behind.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -37,6 +38,7 @@ from cl.data import disk
 from cl.data.disk import cat_images, configure_loader
 from cl.data.fakes import refuse_fake_data
 from cl.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from cl.engine.loggers import MirroredLog, check_loggers, open_loggers
 from cl.engine.evaluate import EvalRow, accuracy_on_classes, evaluate
 from cl.engine.probes import ProbeRecorder
 from cl.engine.progress import Progress
@@ -246,13 +248,20 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop_a
     if stop_after is not None and not STRATEGIES.get(cfg.strategy.name).resumable:
         raise ConfigError(f"--stop-after: strategy '{cfg.strategy.name}' cannot be checkpointed, so there would be nothing to resume from")
     check_before_run(cfg, resume=resume, overwrite=overwrite)
+    check_loggers(cfg)
     prep = prepare(cfg)  # every input error surfaces here, before the run directory exists
     identity = run_identity(cfg, prep.images.content_sha256(), prep.backbone.weights.get("sha256"))
     opened = open_run_dir(cfg, identity, resume=resume, overwrite=overwrite)
+    loop = None
     try:
         if opened.mode == "finished":
             return read_metrics(opened.path, identity)
-        return _Loop(prep, opened.path, identity, resume=opened.mode == "resume").run(stop_after)
+        loop = _Loop(prep, opened.path, identity, resume=opened.mode == "resume")
+        return loop.run(stop_after)
+    except BaseException:
+        if loop is not None and isinstance(loop.log, MirroredLog) and loop.log.backends:
+            loop.log.close("failed")  # the trackers say the run failed; log.jsonl ends where it ended
+        raise
     finally:
         opened.lock.release()
 
@@ -301,7 +310,9 @@ class _Loop:
         else:
             write_config(run_dir, self.cfg)
             write_json(run_dir / "env.json", self._env())
-        self.log = JsonlLog(run_dir / "log.jsonl", resume_offset=ckpt["log_offset"] if ckpt else None)
+        log = JsonlLog(run_dir / "log.jsonl", resume_offset=ckpt["log_offset"] if ckpt else None)
+        run_id = hashlib.sha256(f"{run_dir.absolute()}|{json.dumps(identity, sort_keys=True)}".encode()).hexdigest()[:16]
+        self.log = open_loggers(self.cfg, run_dir, log, resume=ckpt is not None, run_id=run_id)
         if ckpt is None:
             self.log.write("run_start", run_dir=str(run_dir), **prep.setup)
         else:
@@ -447,7 +458,7 @@ class _Loop:
             self._checkpoint()
             if stop_after is not None and self.next_exp >= stop_after and self.next_exp < len(self.exps):
                 self.log.write("stopped", next_experience=self.next_exp)
-                self.log.close()
+                self._close_log("stopped")
                 return None
         return self._finish()
 
@@ -596,9 +607,18 @@ class _Loop:
             export(self.run_dir)
         write_json(self.run_dir / "metrics.json", result)  # last: its presence marks the run finished
         self.log.write("run_end", wall_time_s=wall, final_acc=result["final_acc"])
-        self.log.close()
+        if isinstance(self.log, MirroredLog):
+            self.log.finish(result)
+        self._close_log("finished")
         prune_checkpoints(self.run_dir / "ckpt", self.cfg.train.keep_checkpoints)
         return result
+
+    def _close_log(self, state: str) -> None:
+        """Close the event log (and its mirrors: finished, stopped or failed)."""
+        if isinstance(self.log, MirroredLog):
+            self.log.close(state)
+        else:
+            self.log.close()
 
     def _plots(self, result: dict[str, Any]) -> None:
         plots = self.run_dir / "plots"
