@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import matplotlib
 
@@ -14,17 +16,42 @@ import numpy as np  # noqa: E402
 from analysis.metrics import Matrix, as_matrix, incremental_accs  # noqa: E402
 
 
+FORMATS = ("png", "svg", "pdf")
+_extra_formats: ContextVar[tuple[str, ...]] = ContextVar("extra_formats", default=())
+
+
+@contextmanager
+def also_save_as(formats: Sequence[str]) -> Iterator[None]:
+    """Every figure saved inside the block is also written as each of ``formats`` (``svg``, ``pdf``),
+    beside the PNG and with the same name."""
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown figure format {unknown[0]!r} (choose from {', '.join(FORMATS)})")
+    token = _extra_formats.set(tuple(f for f in dict.fromkeys(formats) if f != "png"))
+    try:
+        yield
+    finally:
+        _extra_formats.reset(token)
+
+
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     """Write a figure atomically (a full disk leaves no empty or partial image) and close it."""
     from cl.utils import atomic_path
 
     path = Path(path)
     try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+        for target in [path, *(path.with_suffix(f".{f}") for f in _extra_formats.get())]:
+            with atomic_path(target) as tmp:
+                fig.savefig(tmp, dpi=120, bbox_inches="tight", format=target.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
     return path
+
+
+def _sequence_colors(n: int) -> list:
+    """``n`` ordered colours (tasks, layers): viridis without its last, near-white yellow sixth."""
+    cmap = plt.get_cmap("viridis")
+    return [cmap(0.85 * i / max(n - 1, 1)) for i in range(n)]
 
 
 def forgetting_curves(
@@ -34,11 +61,10 @@ def forgetting_curves(
     A = as_matrix(R)
     T = len(A)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    cmap = plt.get_cmap("viridis")
     x = np.arange(1, T + 1)
-    for j in range(T):
+    for j, color in enumerate(_sequence_colors(T)):
         label = f"task {j + 1}" + (f" ({task_labels[j]})" if task_labels else "")
-        ax.plot(x[j:], 100 * A[j:, j], marker="o", ms=3, lw=1.2, color=cmap(j / max(T - 1, 1)), label=label)
+        ax.plot(x[j:], 100 * A[j:, j], marker="o", ms=3, lw=1.2, color=color, label=label)
     ax.plot(x, 100 * np.array(incremental_accs(R, n_test)), color="black", lw=2.2, ls="--", label="all seen classes")
     ax.set_xlabel("experiences trained")
     ax.set_ylabel("test accuracy (%)")
@@ -113,20 +139,27 @@ def compare_curves(
 def anytime_curve(samples: Sequence[int], accs: Sequence[float], path: str | Path, boundaries: Sequence[int] = (), title: str = "") -> Path:
     """Online runs: accuracy on the classes seen so far vs stream samples seen."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.plot(samples, 100 * np.asarray(accs), lw=1.5)
-    for b in boundaries:
-        ax.axvline(b, color="grey", lw=0.8, ls=":")
+    ax.plot(samples, 100 * np.asarray(accs), lw=1.5, label="accuracy on seen classes")
+    _boundaries(ax, boundaries)
     ax.set_xlabel("stream samples seen")
     ax.set_ylabel("accuracy on seen classes (%)")
     ax.set_ylim(0, 102)
     ax.grid(alpha=0.3)
-    ax.set_title(title or "Anytime accuracy (dotted: experience boundaries)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title or "Anytime accuracy")
     return _save(fig, path)
 
 
+def _boundaries(ax: plt.Axes, boundaries: Sequence[int]) -> None:
+    """Dotted lines where each experience after the first starts, each labelled with its number."""
+    for k, b in enumerate(boundaries):
+        ax.axvline(b, color="grey", lw=0.8, ls=":", label="experience boundary" if k == 0 else None)
+        ax.annotate(f"exp {k + 2}", (b, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10), textcoords="offset points",
+                    fontsize=6, color="grey")
+
+
 def _layer_colors(n: int) -> list:
-    cmap = plt.get_cmap("viridis")
-    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+    return _sequence_colors(n)
 
 
 def cka_over_experiences(rows: Sequence[Mapping], layers: Sequence[str], path: str | Path, title: str = "") -> Path:
@@ -142,7 +175,7 @@ def cka_over_experiences(rows: Sequence[Mapping], layers: Sequence[str], path: s
     ax.grid(alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(title or "Representational shift of task 1, per layer")
-    ax.legend(fontsize=7, loc="lower left", ncol=2 if len(layers) > 6 else 1)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=2 if len(layers) > 14 else 1, title="layer", title_fontsize=7)
     return _save(fig, path)
 
 
@@ -151,15 +184,15 @@ def cka_by_layer(summary: Mapping, path: str | Path, title: str = "") -> Path:
     layers = list(summary["layers"])
     cka = [summary["layers"][l]["cka"] or np.nan for l in layers]
     drift = [summary["layers"][l]["prototype_rel_l2"] or np.nan for l in layers]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(max(7.0, 0.6 * len(layers) + 4), 3.8))
+    fig, (a, b) = plt.subplots(2, 1, figsize=(max(6.4, 0.32 * len(layers) + 2.5), 6.0), sharex=True)
     x = np.arange(len(layers))
     a.bar(x, cka, color="tab:blue")
     a.set_ylim(0, 1.02)
     a.set_ylabel("CKA (mean over old tasks)")
     b.bar(x, drift, color="tab:orange")
     b.set_ylabel("prototype drift (relative L2)")
+    b.set_xticks(x, layers, rotation=60, ha="right", fontsize=7)
     for ax in (a, b):
-        ax.set_xticks(x, layers, rotation=45, ha="right", fontsize=7)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title or "Shift per layer after the last experience")
     return _save(fig, path)
@@ -239,43 +272,70 @@ def anytime_compare(runs: Mapping[str, Sequence[Mapping]], path: str | Path, tit
     return _save(fig, path)
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
 def cka_compare(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, title: str = "") -> Path:
-    """Per strategy: CKA of old tasks' features (mean over old tasks and seeds) per layer vs experience."""
-    n = len(curves)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 0.5, 3.8), squeeze=False, sharey=True)
-    for ax, (name, layers) in zip(axes.flat, curves.items()):
-        colors = _layer_colors(len(layers))
-        for color, (layer, values) in zip(colors, layers.items()):
-            x = np.arange(1, len(values) + 1)
-            ax.plot(x[1:], np.asarray(values, dtype=float)[1:], marker="o", ms=3, color=color, label=layer)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("experiences trained")
+    """CKA of old tasks' features (mean over old tasks and seeds), one line per strategy: against the
+    layer after the last experience (left) and, for the deepest layer, over experiences (right).
+
+    Args:
+        curves: strategy -> {layer (shallow to deep): CKA after each experience}.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, gridspec_kw={"width_ratios": [1.4, 1]})
+    layers: list[str] = []
+    for layer_names in curves.values():  # every layer any strategy measured, in depth order
+        layers += [name for name in layer_names if name not in layers]
+    deepest = layers[-1] if layers else ""
+    for k, (name, by_layer) in enumerate(curves.items()):
+        # colour, marker and a width that shrinks down the list: lines that coincide stay visible
+        style = {"color": plt.get_cmap("tab10")(k % 10), "marker": MARKERS[k % len(MARKERS)], "ms": 5, "lw": max(3.0 - 0.5 * k, 1.0), "label": name}
+        final = [np.asarray(by_layer[l], dtype=float)[-1] if l in by_layer and len(by_layer[l]) else np.nan for l in layers]
+        left.plot(np.arange(len(layers)), final, **style)
+        if deepest in by_layer:
+            values = np.asarray(by_layer[deepest], dtype=float)
+            right.plot(np.arange(2, len(values) + 1), values[1:], **style)
+    left.set_xticks(np.arange(len(layers)), layers, rotation=60, ha="right", fontsize=7)
+    left.set_xlabel("layer (shallow to deep)")
+    left.set_ylabel("CKA with features right after learning (old tasks)")
+    left.set_title("After the last experience", fontsize=9)
+    right.set_xlabel("experiences trained")
+    right.set_title(f"Deepest layer ({deepest}) over experiences", fontsize=9)
+    right.xaxis.get_major_locator().set_params(integer=True)
+    for ax in (left, right):
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    axes.flat[0].set_ylabel("CKA (old tasks)")
-    axes.flat[-1].legend(fontsize=6, loc="lower left")
-    fig.suptitle(title or "Layer-wise CKA over experiences")
+    left.legend(fontsize=8, loc="lower left")
+    fig.suptitle(title or "Layer-wise CKA")
     return _save(fig, path)
 
 
 def cost_scatter(points: Mapping[str, tuple[float | None, float | None, float | None]], path: str | Path, title: str = "") -> Path:
     """Final accuracy vs trainable parameters and vs stored bytes (log scales)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.0), sharey=True)
+    xs: dict[plt.Axes, list[float]] = {a: [], b: []}
     for k, (name, (acc, params, stored)) in enumerate(points.items()):
         color = plt.get_cmap("tab10")(k % 10)
         if acc is None:
             continue
         for ax, x in ((a, params), (b, stored)):
             if x is not None:
-                ax.scatter(max(x, 1), 100 * acc, color=color, s=40)
-                ax.annotate(name, (max(x, 1), 100 * acc), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    a.set_xlabel("trainable parameters (log)")
-    b.set_xlabel("stored bytes: strategy state + memory (log)")
+                ax.scatter(x, 100 * acc, color=color, s=40)
+                ax.annotate(name, (x, 100 * acc), fontsize=8, xytext=(4, 3), textcoords="offset points")
+                xs[ax].append(float(x))
     a.set_ylabel("final accuracy (%)")
-    for ax in (a, b):
-        ax.set_xscale("log")
-        ax.margins(x=0.25, y=0.12)  # room for the labels
+    for ax, what in ((a, "trainable parameters"), (b, "stored bytes: strategy state + memory")):
+        values = xs[ax] or [1.0]
+        top = max(max(values), 1.0) * 8  # room for the labels, on a log axis
+        if min(values) <= 0:  # 0 drawn at 0, not at 10^0: linear below 1, log above (symlog)
+            ax.set_xscale("symlog", linthresh=1.0)
+            ax.set_xlim(-0.5, top)
+            ax.set_xlabel(f"{what} (0, then log scale)")
+        else:
+            ax.set_xscale("log")
+            ax.set_xlim(min(values) / 3, top)
+            ax.set_xlabel(f"{what} (log scale)")
+        ax.set_ylim(0, 102)  # the full accuracy range: no zoom that makes tiny differences look large
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(title or "Accuracy vs cost")
     return _save(fig, path)

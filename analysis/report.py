@@ -26,6 +26,7 @@ import html
 import io
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,14 @@ def _run_config(run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(config, dict):
         return None
     return {k: v for k, v in config.items() if k not in PLACEMENT_KEYS}  # compare pools what differs only in these
+
+
+def run_config_or_none(run_dir: Path) -> dict[str, Any] | None:
+    """:func:`_run_config`, or None for a directory whose config cannot be read (a report still lists it)."""
+    try:
+        return _run_config(run_dir)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _read_yaml(path: Path) -> Any:
@@ -394,6 +403,33 @@ def headline_table(runs: dict[str, list[RunRecord]], ci: bool = False) -> tuple[
     return header, rows
 
 
+CI_CAPTION = ("Cells: mean ± std over seeds; final acc, avg inc acc and forgetting add [low, high], the Student-t 95% "
+              "confidence interval of the mean (two or more seeds).")
+MAX_CONFIG_KEYS = 40
+
+
+def config_table(runs: dict[str, list[RunRecord]], report_dir: Path) -> tuple[list[str], list[list[str]], list[list[tuple[str, str]]]]:
+    """The keys in which the rows' resolved configs differ (one column each), and per row the links
+    (seed label, path relative to ``report_dir``) to its run folders."""
+    from cl.config import flatten
+
+    flats = {name: flatten(next((r.config for r in recs if r.config is not None), None) or {}) for name, recs in runs.items()}
+    keys = sorted({k for f in flats.values() for k in f if len({json.dumps(g.get(k), default=str) for g in flats.values()}) > 1})
+    if len(keys) > MAX_CONFIG_KEYS:
+        keys = keys[:MAX_CONFIG_KEYS]
+    header = ["strategy", *keys]
+    rows, links = [], []
+    for name, recs in runs.items():
+        rows.append([name, *("-" if k not in flats[name] else _cell(flats[name][k]) for k in keys)])
+        links.append([(f"seed{r.seed}" if r.seed is not None else r.path.name, os.path.relpath(r.path.absolute(), report_dir.absolute()))
+                      for r in sorted(recs, key=lambda r: (r.seed is None, r.seed or 0))])
+    return header, rows, links
+
+
+def _cell(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
 PAIRED = [("final acc (pts)", "final_acc", 100.0), ("avg inc acc (pts)", "avg_incremental_acc", 100.0), ("forgetting (pts)", "forgetting", 100.0)]
 
 
@@ -582,9 +618,18 @@ def _cka_curves(summaries: list[dict[str, Any]]) -> dict[str, list[float]] | Non
     return {l: _nanmean(np.array([[np.nan if v is None else v for v in c[l]] for c in curves], dtype=float)).tolist() for l in layers}
 
 
-def write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str = "Comparison", baseline: str | None = None) -> str:
+def write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str = "Comparison", baseline: str | None = None,
+                 formats: Sequence[str] = ()) -> str:
     """All tables, plots and the HTML report for ``records``; returns a plain-text summary. With a
-    ``baseline`` row name, also every row's paired difference to it (``paired.csv``)."""
+    ``baseline`` row name, also every row's paired difference to it (``paired.csv``); ``formats``
+    (``svg``, ``pdf``): every figure also in those formats, beside its PNG."""
+    from analysis.plots import also_save_as
+
+    with also_save_as(formats):
+        return _write_report(records, out_dir, title, baseline)
+
+
+def _write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str, baseline: str | None) -> str:
     from cl.errors import UserError
     from cl.utils import atomic_write_text
 
@@ -606,14 +651,24 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str =
         header, rows = headline_table(runs, ci=True)
         notes = problems(runs)
         texts.append(f"== {experiment} ==\n" + plain(*headline_table(runs)) + "".join(f"\n  note: {n}" for n in notes))
-        md.append(f"\n## {experiment}\n\n" + markdown(header, rows) + "".join(f"\n- {n}" for n in notes) + "\n")
+        heading = experiment != title or len(groups) > 1  # a suite's report is titled by its one experiment already
+        md.append((f"\n## {experiment}\n\n" if heading else "\n") + markdown(header, rows) + f"\n{CI_CAPTION}\n"
+                  + "".join(f"\n- {n}" for n in notes) + "\n")
         csv_header, numbers = headline_numbers(runs)
         csv_rows += [[experiment] + r for r in numbers]
         for name, recs in runs.items():
             for key, st in sorted(aggregate(recs).items()):
                 lo, hi = st.ci95 or (None, None)
                 long_rows.append([experiment, name, key, st.n, st.mean, st.std, lo, hi])
-        html_parts.append(f"<h2>{html.escape(experiment)}</h2>" + _html_table(header, rows))
+        html_parts.append((f"<h2>{html.escape(experiment)}</h2>" if heading else "") + _html_table(header, rows)
+                          + f"<p class='caption'>{html.escape(CI_CAPTION)}</p>")
+        c_header, c_rows, links = config_table(runs, out)
+        md.append("\n### Configurations and run folders\n\n" + markdown(
+            c_header + ["runs"], [r + [" ".join(f"[{label}]({href})" for label, href in l)] for r, l in zip(c_rows, links)])
+            + ("\n(the columns are the keys in which the rows' configs differ)\n" if len(c_header) > 1 else "\n"))
+        html_parts.append("<h3>Configurations and run folders</h3>" + _html_table(c_header, c_rows, links)
+                          + ("<p class='caption'>The columns are the keys in which the rows' resolved configs differ; the links open each seed's run folder.</p>"
+                             if len(c_header) > 1 else ""))
         if baseline is not None and baseline in runs:
             p_header, p_rows = paired_table(runs, baseline)
             caption = f"Paired difference to {baseline} (same seeds; * = the 95% interval excludes 0)"
@@ -636,14 +691,23 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str =
     if baseline is not None:
         _write_csv(out / "paired.csv", ["experiment", "baseline", "strategy", "paired seeds"] + [f"delta {k} (pts) [95% CI]" for _, k, _ in PAIRED], paired_rows)
     _write_csv(out / "metrics_long.csv", ["experiment", "run", "metric", "n", "mean", "std", "ci95_low", "ci95_high"], long_rows)
-    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}.caption{color:#555;font-size:90%}")
     atomic_write_text(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>" + "".join(html_parts) + "</body></html>\n")
     return "\n\n".join(texts) + f"\n\n(report: {out / 'report.html'})"
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], links: Sequence[Sequence[tuple[str, str]]] | None = None) -> str:
+    """A table; with ``links``, a last column of (label, relative href) links per row."""
+    from urllib.parse import quote
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in [*header, *(["runs"] if links is not None else [])])
+    body = ""
+    for k, r in enumerate(rows):
+        cells = "".join(f"<td>{html.escape(c)}</td>" for c in r)
+        if links is not None:
+            cells += "<td>" + " ".join(f"<a href='{html.escape(quote(href))}/'>{html.escape(label)}</a>" for label, href in links[k]) + "</td>"
+        body += f"<tr>{cells}</tr>"
     return f"<table><tr>{head}</tr>{body}</table>"
 
 

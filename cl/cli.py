@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="re-run finished runs instead of reusing them")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (local processes or Ray tasks sharing the cores)")
     p.add_argument("--executor", choices=["local", "ray", "slurm"], default="local")
+    p.add_argument("--format", dest="formats", action="append", default=[], choices=["svg", "pdf"],
+                   help="also write the report's figures in this format beside the PNGs (repeatable)")
     p.add_argument("--slurm-partition", default=None)
     p.add_argument("--slurm-time", type=int, default=240, metavar="MIN", help="wall-time limit per run (minutes)")
     p.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per run")
@@ -94,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report", help="output directory (default: ./report)")
     p.add_argument("--title", default="Comparison")
     p.add_argument("--baseline", default=None, help="a row name: add every row's paired difference to it, with 95%% intervals")
+    p.add_argument("--format", dest="formats", action="append", default=[], choices=["svg", "pdf"],
+                   help="also write every figure in this format beside its PNG (repeatable)")
 
     p = sub.add_parser("pretrain", help="build and cache the pretrained backbone of a config")
     p.add_argument("config")
@@ -113,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", choices=["linear", "rbf"], default="linear")
     p.add_argument("--debiased", action="store_true", help="debiased HSIC (for small probe sets)")
     p.add_argument("--out", default=None, help="output directory (default RUN_DIR/shift)")
+    p.add_argument("--format", dest="formats", action="append", default=[], choices=["svg", "pdf"],
+                   help="also write every figure in this format beside its PNG (repeatable)")
 
     p = sub.add_parser("describe", help="every option of a strategy, dataset or PEFT method (type, default, description)")
     p.add_argument("name", help="e.g. er, cifar100, lora (see cl list)")
@@ -204,7 +210,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     text, outcomes = run_suite(args.suite, args.overrides, args.out, overwrite=args.overwrite,
                                jobs=args.jobs, executor=args.executor, ray_address=args.ray_address, smoke=args.smoke,
-                               slurm=_slurm_options(args), imports=_imports(args))
+                               slurm=_slurm_options(args), imports=_imports(args), formats=args.formats)
     print(text)
     failed = [o for o in outcomes if not o["ok"]]
     if failed:
@@ -268,7 +274,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if smoke and len(smoke) < len(records):  # a rehearsal's numbers are not measurements: never in one table
         raise UserError(f"{len(smoke)} of {len(records)} runs are --smoke rehearsals (e.g. {smoke[0].path}): compare them apart from real runs")
     title = f"{args.title} (smoke rehearsals: not measurements)" if smoke else args.title
-    print(write_report(records, args.out, title, args.baseline))
+    print(write_report(records, args.out, title, args.baseline, args.formats))
     return 0
 
 
@@ -301,7 +307,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_shift(args: argparse.Namespace) -> int:
     from analysis.shift import analyse_run
 
-    summary = analyse_run(args.run_dir, debiased=args.debiased, kernel=args.kernel, out=args.out)
+    from analysis.plots import also_save_as
+
+    with also_save_as(args.formats):
+        summary = analyse_run(args.run_dir, debiased=args.debiased, kernel=args.kernel, out=args.out)
     print(f"after experience {summary['last_experience'] + 1}, mean over old tasks:")
     for layer, v in summary["layers"].items():
         cka = "-" if v["cka"] is None else f"{v['cka']:.3f}"

@@ -155,3 +155,42 @@ def test_old_and_new_accuracy_are_shown_and_derived_for_runs_made_before_they_ex
     fake_run(tmp / "runs", "er", 0, 0.6)  # its metrics.json predates final_old_acc: derived from the matrix
     text = write_report(discover_runs([tmp / "runs"]), tmp / "rep")
     assert "old / new acc (%)" in text and "50.0 / 70.0" in text
+
+
+@pytest.mark.parametrize("seeds", [[0], [0, 1, 2]])
+def test_report_figures_tables_and_links_for_one_and_several_seeds(tmp: Path, seeds):
+    import re
+    import warnings
+
+    for seed in seeds:
+        fake_run(tmp / "runs", "er", seed, 0.6 + 0.01 * seed)
+        zero = fake_run(tmp / "runs", "ncm", seed, 0.5)
+        metrics = json.loads((zero / "metrics.json").read_text())
+        (zero / "metrics.json").write_text(json.dumps({**metrics, "trainable_params": 0}))  # drawn at 0, not at 10^0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no matplotlib or numpy warning on one seed (no std, no CI) either
+        write_report(discover_runs([tmp / "runs"]), tmp / "report", title="exp", formats=["svg", "pdf"])
+    plots = sorted(p.name for p in (tmp / "report" / "plots").iterdir())
+    for stem in ("exp_forgetting_curves", "exp_acc_matrices", "exp_cost"):
+        assert {f"{stem}.png", f"{stem}.svg", f"{stem}.pdf"} <= set(plots)
+    assert (tmp / "report" / "plots" / "exp_cost.svg").read_text().lstrip().startswith("<?xml")
+    md = (tmp / "report" / "summary.md").read_text()
+    assert md.count("exp") >= 1 and "\n## exp\n" not in md  # the title once, not again as the one experiment's heading
+    assert "Student-t 95% confidence interval of the mean" in md
+    # the configuration table: the key in which the rows differ, and a link per seed that leads to the run
+    assert "| strategy | strategy.name | runs |" in md
+    links = re.findall(r"\[seed(\d)\]\(([^)]+)\)", md)
+    assert len(links) == 2 * len(seeds)
+    for seed, href in links:
+        target = (tmp / "report" / href).resolve()
+        assert target.name == f"seed{seed}" and (target / "metrics.json").is_file()
+    page = (tmp / "report" / "report.html").read_text()
+    assert page.count("<h1>") == 1 and "<h2>" not in page and "href='../runs/exp/er/seed0/'" in page
+
+
+def test_report_refuses_an_unknown_figure_format(tmp: Path):
+    fake_run(tmp / "runs", "er", 0, 0.6)
+    with pytest.raises(ValueError, match="unknown figure format 'jpg'"):
+        write_report(discover_runs([tmp / "runs"]), tmp / "report", formats=["jpg"])
+    assert main(["compare", str(tmp / "runs"), "--out", str(tmp / "r2"), "--format", "svg"]) == 0
+    assert (tmp / "r2" / "plots" / "exp_cost.svg").is_file()

@@ -395,10 +395,11 @@ def run_suite(
     smoke: bool = False,
     slurm: Any = None,
     imports: list[str] | None = None,
+    formats: list[str] | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
     """Plan, warm shared caches, execute, then write the comparison report to ``<out>/<suite>/``
     (``<out>/<suite>/report,<overrides>/`` when ``--set`` overrides change results)."""
-    from analysis.report import RunRecord, write_report
+    from analysis.report import RunRecord, run_config_or_none, write_report
 
     suite, planned = plan_suite(path, cli_overrides, out_dir, smoke, imports)
     check_plan(planned, overwrite)
@@ -422,8 +423,8 @@ def run_suite(
     write_json(root / "outcomes.json", [{**{k: v for k, v in o.items() if k != "metrics"}, "run_dir": str(Path(o["run_dir"]).resolve())} for o in outcomes])
     records = [
         RunRecord(Path(o["run_dir"]), o["experiment"], o["run"], o["seed"], o["metrics"],
-                  "finished" if o["ok"] else "failed", o["error"])
+                  "finished" if o["ok"] else "failed", o["error"], config=run_config_or_none(Path(o["run_dir"])) if o["ok"] else None)
         for o in outcomes
     ]
-    text = write_report(records, root, title=suite.suite if label is None else f"{suite.suite} with {label}")
+    text = write_report(records, root, title=suite.suite if label is None else f"{suite.suite} with {label}", formats=formats or ())
     return text, outcomes
