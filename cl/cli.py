@@ -52,11 +52,27 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+# `cl run --help` / `cl sweep --help`: the keys most runs change (tests check each exists)
+COMMON_KEYS = """common --set keys (every option: cl describe NAME; the full schema: README "Configs"):
+  seed=0                              the run's seed (its folder seedN)
+  out_dir=runs  data_root=...  cache_dir=...
+  device=cpu|cuda|mps|auto            precision=fp32|bf16|fp16
+  benchmark.dataset.name=fashion_mnist|digits|cifar100|...   (cl list benchmarks)
+  benchmark.n_experiences=5           benchmark.base_classes=...   benchmark.scenario=class_incremental|task_incremental|online|domain_incremental
+  benchmark.train_per_class=...       benchmark.test_per_class=...
+  backbone.name=resnet18|vit_base_patch16_224|...   backbone.freeze=frozen|bn_only|last_k|all   backbone.weights.source=pretrain|file|hub|none
+  strategy.name=er|finetune|simplecil|...           strategy.lr=0.01   strategy.memory_size=200   (cl list strategies; cl describe er)
+  train.epochs=1  train.batch_size=64  train.lr_schedule=constant|cosine|step  train.warmup_steps=0  train.grad_clip_norm=...
+  train.label_smoothing=0.1           train.augment={}   (images only)
+  loggers.tensorboard=true            loggers.wandb={}   loggers.mlflow={}
+  progress=false                      plugins=[./my_strategy.py]   (or --import)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cl", description="Continual learning on pretrained timm backbones.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("run", help="run one experiment config")
+    p = sub.add_parser("run", help="run one experiment config", epilog=COMMON_KEYS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
     _common(p)
     p.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config (or report a finished one)")
@@ -66,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimate", action="store_true", help="with --dry-run: time a few batches and print the run's estimated time, memory and disk")
     p.add_argument("--smoke", action="store_true", help="rehearse: real architecture and input size, a few samples and steps, into OUT/smoke")
 
-    p = sub.add_parser("sweep", help="run a suite (benchmarks x strategies x seeds) and compare")
+    p = sub.add_parser("sweep", help="run a suite (benchmarks x strategies x seeds) and compare", epilog=COMMON_KEYS,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite")
     _common(p)
     p.add_argument("--overwrite", action="store_true", help="re-run finished runs instead of reusing them")

@@ -60,7 +60,7 @@ VOLATILE_KEYS = ("progress", "out_dir", "data_root", "cache_dir", "num_threads",
 IDENTITY_DEFAULTS: dict[str, Any] = {
     "backbone.cache_dtype": "float32",
     "train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_milestones": [], "train.lr_gamma": 0.1, "train.grad_clip_norm": None,
-    "plugins": [],
+    "plugins": [], "train.label_smoothing": 0.0, "train.augment": None,
 }
 # Keys that place a run directory rather than describe the run.
 PLACEMENT_KEYS = ("experiment", "run_name", "seed")
@@ -254,6 +254,13 @@ class BackboneConfig(Model):
         return self
 
 
+class AugmentConfig(Model):
+    """Per-sample augmentation of training batches in the continual phase, on the backbone's input."""
+
+    crop_padding: int = Field(4, ge=0, description="random translation: zero-pad (after normalisation) by this many pixels of the backbone's input, crop back")
+    hflip: bool = Field(True, description="random horizontal flip with probability 1/2")
+
+
 class TrainConfig(Model):
     epochs: int = Field(1, ge=1, description="epochs per experience (must be 1 online)")
     batch_size: int = Field(64, ge=1)
@@ -273,6 +280,9 @@ class TrainConfig(Model):
     lr_milestones: list[int] = Field(default_factory=list, description="step schedule: epochs (0-based) at which the rate is multiplied by lr_gamma")
     lr_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: the factor at each milestone")
     grad_clip_norm: float | None = Field(None, gt=0, description="clip the gradients' global L2 norm to this before each step; null = no clipping")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy target: 1 - ε on the label, ε spread over the classes the sample competes over")
+    augment: AugmentConfig | None = Field(
+        None, description="augment every training batch (images only: needs the backbone run on each batch, not cached features); null = off")
 
     def lr_factor(self, step: int, total: int, epoch: int) -> float:
         """Multiplier of the base learning rate at optimiser ``step`` (0-based) of ``total`` in an
@@ -851,6 +861,17 @@ def check_semantics(cfg: RunConfig) -> None:
     train = cfg.train
     if (train.scheduled or train.grad_clip_norm is not None) and getattr(STRATEGIES.get(cfg.strategy.name), "trains_itself", False):
         raise ConfigError(f"train.lr_schedule / warmup_steps / grad_clip_norm: strategy {cfg.strategy.name} runs its own training loop and would ignore them")
+    uses_cross_entropy = getattr(STRATEGIES.get(cfg.strategy.name), "uses_cross_entropy", lambda _: False)
+    if train.label_smoothing > 0 and not uses_cross_entropy(cfg.strategy):
+        raise ConfigError(f"train.label_smoothing: strategy {cfg.strategy.name} (as configured) trains no cross-entropy, so it would be ignored")
+    if train.augment is not None:
+        strategy_cls = STRATEGIES.get(cfg.strategy.name)
+        if getattr(strategy_cls, "trains_itself", False):
+            raise ConfigError(f"train.augment: strategy {cfg.strategy.name} runs its own training loop and would ignore it")
+        wants_features = getattr(strategy_cls, "wants_features", lambda _: True)(cfg.strategy)
+        if wants_features and cfg.backbone.freeze == "frozen" and cfg.backbone.cache_features:
+            raise ConfigError("train.augment needs images, but this run trains on cached features (frozen backbone): "
+                              "set backbone.cache_features: false to run the backbone on every augmented batch")
     if train.lr_milestones and train.lr_schedule != "step":
         raise ConfigError("train.lr_milestones: only used by lr_schedule: step")
     if cfg.benchmark.scenario == "domain_incremental":

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -46,6 +45,10 @@ class APER(Strategy):
     domain_incremental: ClassVar[bool] = True  # keeps working when a class reappears in a new domain
     input_kind = "images"
     stateful = ("sums", "counts")
+
+    @classmethod
+    def uses_cross_entropy(cls, cfg) -> bool:  # noqa: ANN001
+        return True  # the first session's PEFT module and head
 
     def __init__(self, cfg: APERConfig, ctx: StrategyContext) -> None:
         super().__init__(cfg, ctx)
@@ -90,7 +93,7 @@ class APER(Strategy):
         assert self.head is not None and self.optimizer is not None
         self.module.train()
         lo = self.task_ranges[task_id][0]
-        loss = F.cross_entropy(self.head(self._forward(x, True)), y.to(self.device) - lo)
+        loss = self.classification_loss(self.head(self._forward(x, True)), y.to(self.device) - lo)
         self.optimizer_step(loss, self.optimizer)
         return {"loss": loss.item()}
 

@@ -69,11 +69,25 @@ def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def masked_cross_entropy(logits: Tensor, y: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """Cross-entropy where sample ``i`` competes only over classes ``[lo_i, hi_i)``."""
-    classes = torch.arange(logits.shape[1], device=logits.device)
-    outside = (classes < lo[:, None]) | (classes >= hi[:, None])
-    return F.cross_entropy(logits.masked_fill(outside, float("-inf")), y)
+def masked_cross_entropy(logits: Tensor, y: Tensor, lo: Tensor | None = None, hi: Tensor | None = None, smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy where sample ``i`` competes only over classes ``[lo_i, hi_i)`` (all classes
+    without ``lo``/``hi``). With ``smoothing`` ε the target is (1 - ε) on the label plus ε spread
+    evenly over the classes the sample competes over, so masked classes receive none of it (torch's
+    ``label_smoothing`` would spread it over -inf logits too, and the loss would be infinite)."""
+    allowed = None
+    if lo is not None and hi is not None:
+        classes = torch.arange(logits.shape[1], device=logits.device)
+        allowed = (classes >= lo[:, None]) & (classes < hi[:, None])
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if smoothing == 0:
+        return F.cross_entropy(logits, y)
+    logp = F.log_softmax(logits, dim=1)
+    nll = -logp.gather(1, y[:, None]).squeeze(1)
+    if allowed is None:
+        uniform = -logp.mean(dim=1)
+    else:
+        uniform = -logp.masked_fill(~allowed, 0.0).sum(dim=1) / allowed.sum(dim=1)
+    return ((1 - smoothing) * nll + smoothing * uniform).mean()
 
 
 def _tensor_bytes(t: Tensor) -> int:
@@ -112,6 +126,12 @@ class Strategy:
         self.generator = torch.Generator().manual_seed(ctx.seed)
         self.seen_classes = 0  # classes 0..seen_classes-1 have appeared
         self.task_ranges: dict[int, tuple[int, int]] = {}
+
+    @classmethod
+    def uses_cross_entropy(cls, cfg: StrategyConfig) -> bool:
+        """True if training this configuration minimises :meth:`classification_loss` (so that
+        ``train.label_smoothing`` applies); a non-zero smoothing is refused otherwise."""
+        return False
 
     @classmethod
     def wants_features(cls, cfg: StrategyConfig) -> bool:
@@ -197,6 +217,11 @@ class Strategy:
         else:
             scaler.step(optimizer)
             scaler.update()
+
+    def classification_loss(self, logits: Tensor, y: Tensor, lo: Tensor | None = None, hi: Tensor | None = None) -> Tensor:
+        """Cross-entropy of a training batch (over ``[lo, hi)`` per sample when given), with
+        ``train.label_smoothing``."""
+        return masked_cross_entropy(logits, y, lo, hi, self.ctx.train.label_smoothing)
 
     def encode(self, x: Tensor) -> Tensor:
         """Features of a stored batch: cached features pass through, images go through the backbone."""

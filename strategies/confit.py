@@ -35,7 +35,7 @@ from cl.config import RunConfig
 from cl.data.benchmark import Experience
 from cl.models.xconv import ConvBNPair, attach_trackers, recover_output_mean, recover_output_mean_spatial
 from cl.registry import STRATEGIES
-from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer, masked_cross_entropy
+from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
 from strategies.task_inference import Prototypes, route
 
 
@@ -88,6 +88,10 @@ class ConFiT(Strategy):
     input_kind = "images"
     task_aware_predict = True
     stateful = ("head", "bank", "prototypes")
+
+    @classmethod
+    def uses_cross_entropy(cls, cfg) -> bool:  # noqa: ANN001
+        return True
 
     def __init__(self, cfg: ConFiTConfig, ctx: StrategyContext) -> None:
         super().__init__(cfg, ctx)
@@ -153,7 +157,7 @@ class ConFiT(Strategy):
         logits = self.head(self.model(self.ctx.backbone.transform(x, self.device)))
         lo, hi = self.task_ranges[task_id]
         n = len(y)
-        loss = masked_cross_entropy(logits, y.to(self.device), torch.full((n,), lo, device=self.device), torch.full((n,), hi, device=self.device))
+        loss = self.classification_loss(logits, y.to(self.device), torch.full((n,), lo, device=self.device), torch.full((n,), hi, device=self.device))
         self.optimizer_step(loss, self.optimizer)
         self._version += 1
         return {"loss": loss.item(), "stage": float(self.stage)}

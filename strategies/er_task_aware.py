@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from cl.data.benchmark import Experience
 from cl.memory import ClassBalancedMemory, ReservoirMemory, create_memory, resolve_memory_policy
 from cl.registry import STRATEGIES
-from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer, masked_cross_entropy
+from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
 
 Rebalance = Literal["none", "old_tasks", "class_ratio", "memory_ratio", "constant"]
 
@@ -104,6 +104,10 @@ class TaskHeads(nn.Module):
 class ERTaskAware(Strategy):
     stateful = ("heads", "_memory", "task_samples")
 
+    @classmethod
+    def uses_cross_entropy(cls, cfg) -> bool:  # noqa: ANN001
+        return True
+
     def __init__(self, cfg: ERTaskAwareConfig, ctx: StrategyContext) -> None:
         super().__init__(cfg, ctx)
         self.cfg: ERTaskAwareConfig = cfg
@@ -147,14 +151,14 @@ class ERTaskAware(Strategy):
         assert self.optimizer is not None, "before_experience must run first"
         self.train_mode(True)
         t = torch.full((len(y),), task_id)
-        loss_current = masked_cross_entropy(self._logits(x), y.to(self.device), *self.label_ranges(t))
+        loss_current = self.classification_loss(self._logits(x), y.to(self.device), *self.label_ranges(t))
         loss = loss_current
         terms = {"loss_current": loss_current.item()}
         if len(self._memory) and self.weight > 0:
             batch = self.cfg.replay_batch_size or len(y)
             mx, my, mt = self._memory.sample(batch, before_task=task_id if self.cfg.replay_from == "old_tasks" else None)
             if len(my):  # online, the memory may hold the current task's samples only
-                loss_replay = masked_cross_entropy(self._logits(mx.to(x.dtype)), my.to(self.device), *self.label_ranges(mt))
+                loss_replay = self.classification_loss(self._logits(mx.to(x.dtype)), my.to(self.device), *self.label_ranges(mt))
                 loss = loss + self.weight * loss_replay
                 terms["loss_replay"] = loss_replay.item()
         self.optimizer_step(loss, self.optimizer)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from cl.data.benchmark import Experience
 from cl.registry import STRATEGIES
-from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer, masked_cross_entropy
+from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
 
 
 class FinetuneConfig(OptimConfig):
@@ -26,6 +26,10 @@ class Finetune(Strategy):
     domain_incremental: ClassVar[bool] = True  # keeps working when a class reappears in a new domain
 
     stateful = ("head",)
+
+    @classmethod
+    def uses_cross_entropy(cls, cfg) -> bool:  # noqa: ANN001
+        return True
 
     def __init__(self, cfg: OptimConfig, ctx: StrategyContext) -> None:
         super().__init__(cfg, ctx)
@@ -46,7 +50,7 @@ class Finetune(Strategy):
         self.train_mode(True)
         y = y.to(self.device)
         logits = self.head(self.encode(x))
-        loss = masked_cross_entropy(logits, y, *self.label_ranges(task_ids))
+        loss = self.classification_loss(logits, y, *self.label_ranges(task_ids))
         self.optimizer_step(loss, self.optimizer)
         return loss.detach()
 

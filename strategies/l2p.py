@@ -48,6 +48,10 @@ class L2P(Strategy):
     input_kind = "images"
     stateful = ("pool",)
 
+    @classmethod
+    def uses_cross_entropy(cls, cfg) -> bool:  # noqa: ANN001
+        return True
+
     def __init__(self, cfg: L2PConfig, ctx: StrategyContext) -> None:
         super().__init__(cfg, ctx)
         self.cfg: L2PConfig = cfg
@@ -101,10 +105,8 @@ class L2P(Strategy):
         self.model.eval()
         logits, query, keys = self.forward(x)
         lo, hi = self.task_ranges[task_id]
-        masked = logits.clone()
-        masked[:, :lo] = float("-inf")
-        masked[:, hi:] = float("-inf")
-        ce = F.cross_entropy(masked, y.to(self.device))
+        n = len(y)
+        ce = self.classification_loss(logits, y.to(self.device), torch.full((n,), lo, device=self.device), torch.full((n,), hi, device=self.device))
         surrogate = (1 - F.cosine_similarity(query[:, None, :], keys, dim=-1)).mean()
         loss = ce + self.cfg.pull * surrogate
         self.optimizer_step(loss, self.optimizer)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -57,6 +56,10 @@ class PeftPerTask(Strategy):
     input_kind = "images"
     task_aware_predict = True
     stateful = ("prototypes",)
+
+    @classmethod
+    def uses_cross_entropy(cls, cfg) -> bool:  # noqa: ANN001
+        return True
 
     def __init__(self, cfg: PeftPerTaskConfig, ctx: StrategyContext) -> None:
         super().__init__(cfg, ctx)
@@ -113,7 +116,7 @@ class PeftPerTask(Strategy):
         self.heads[str(task_id)].train()
         lo = self.task_ranges[task_id][0]
         logits = self.heads[str(task_id)](self._features(x, task_id))
-        loss = F.cross_entropy(logits, y.to(self.device) - lo)
+        loss = self.classification_loss(logits, y.to(self.device) - lo)
         self.optimizer_step(loss, self.optimizer)
         return {"loss": loss.item()}
 

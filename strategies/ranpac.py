@@ -101,6 +101,10 @@ class RanPAC(Strategy):
     stateful = ("G", "C", "W_rand", "ridge")
 
     @classmethod
+    def uses_cross_entropy(cls, cfg) -> bool:  # noqa: ANN001
+        return cfg.first_session is not None  # Phase 1 trains a PEFT module and head; Phase 2 is ridge regression
+
+    @classmethod
     def wants_features(cls, cfg: RanPACConfig) -> bool:  # type: ignore[override]
         return cfg.first_session is None
 
@@ -172,7 +176,7 @@ class RanPAC(Strategy):
             assert self.module is not None and self.head is not None and self.optimizer is not None
             self.module.train()
             self.train_mode(False)
-            loss = F.cross_entropy(self.head(self.embed(x)), y.to(self.device) - self.task_ranges[task_id][0])
+            loss = self.classification_loss(self.head(self.embed(x)), y.to(self.device) - self.task_ranges[task_id][0])
             self.optimizer_step(loss, self.optimizer)
             return {"loss": loss.item()}
         with torch.no_grad():

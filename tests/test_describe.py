@@ -36,3 +36,38 @@ def test_describe_unknown_name_is_one_line(capsys: pytest.CaptureFixture):
     assert main(["describe", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'nope' is not a strategy, dataset or PEFT method" in err[0]
+
+
+def test_cl_run_help_lists_common_keys_that_exist_with_their_exact_choices(capsys):
+    import re
+    import typing
+
+    import pytest
+
+    from cl.cli import COMMON_KEYS, main
+    from cl.config import RunConfig, _model_type, _unwrap
+    from strategies.er import ERConfig
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert COMMON_KEYS.splitlines()[1] in capsys.readouterr().out
+    checked = 0
+    for key, value in re.findall(r"([a-z_][a-z_.]*)=(\S+)", COMMON_KEYS):
+        model, field = RunConfig, None
+        for part in key.split("."):
+            if model is None:
+                break
+            if key.startswith("strategy.") and part != "strategy" and model is not ERConfig:
+                model = ERConfig
+            if key.startswith("benchmark.dataset.") and part == "name":
+                field = None
+                break
+            assert part in model.model_fields, f"{key}: no field {part}"
+            field = model.model_fields[part]
+            model = _model_type(field.annotation)
+        checked += 1
+        if field is not None and "|" in value and "..." not in value:
+            inner, _ = _unwrap(field.annotation)
+            assert typing.get_origin(inner) is typing.Literal, key
+            assert set(value.split("|")) == set(typing.get_args(inner)), key
+    assert checked >= 25

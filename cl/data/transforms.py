@@ -84,3 +84,18 @@ def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 2, fl
         mask = (torch.rand(b, generator=generator) < 0.5).to(x.device)
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)
     return x.contiguous()
+
+
+class AugmentedTransform:
+    """A :class:`BatchTransform` followed by :func:`random_crop_flip` drawn from ``generator``: what
+    the backbone sees of a training batch while ``train.augment`` is on. Everything else (shapes,
+    ``to_dict``) is the wrapped transform's."""
+
+    def __init__(self, base: BatchTransform, generator: torch.Generator, padding: int, flip: bool) -> None:
+        self.base, self.generator, self.padding, self.flip = base, generator, padding, flip
+
+    def __call__(self, x: Tensor, device: torch.device | str | None = None) -> Tensor:
+        return random_crop_flip(self.base(x, device), self.generator, self.padding, self.flip)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.base, name)

@@ -24,9 +24,10 @@ import itertools
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -36,6 +37,7 @@ from cl.config import RunConfig
 from cl.data.benchmark import Benchmark, Experience, Split, build_benchmark
 from cl.data import disk
 from cl.data.disk import cat_images, configure_loader
+from cl.data.transforms import AugmentedTransform
 from cl.data.fakes import refuse_fake_data
 from cl.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from cl.engine.loggers import MirroredLog, check_loggers, open_loggers
@@ -481,7 +483,8 @@ class _Loop:
             for xb, yb in itertools.islice(data.batches(self.cfg.train.batch_size, self.generator), budget):
                 self.strategy.lr_position = (done, total, epoch)
                 done += 1
-                terms = self.strategy.observe(xb, yb, exp.task_id)
+                with self._augmenting():
+                    terms = self.strategy.observe(xb, yb, exp.task_id)
                 meter.add(terms, f"experience {i}, epoch {epoch}")
                 self.samples_seen += len(yb)
                 self.progress.step(len(yb), terms)
@@ -502,7 +505,8 @@ class _Loop:
         self.progress.start_epoch(exp.index, 0, 1, total)
         for done, (xb, yb) in enumerate(itertools.islice(exp.train.batches(online.batch_size, self.generator), self.cfg.train.max_steps)):  # single pass
             self.strategy.lr_position = (done, total, 0)
-            terms = self.strategy.observe(xb, yb, exp.task_id)
+            with self._augmenting():
+                terms = self.strategy.observe(xb, yb, exp.task_id)
             meter.add(terms, f"experience {exp.index}, sample {self.samples_seen}")
             self.samples_seen += len(yb)
             self.progress.step(len(yb), terms)
@@ -517,6 +521,23 @@ class _Loop:
                 next_eval += online.eval_every
         self.progress.end_epoch()
         self.log.write("epoch", experience=exp.index, epoch=0, steps=meter.steps, **meter.means())
+
+    @contextmanager
+    def _augmenting(self) -> Iterator[None]:
+        """With ``train.augment``, every image batch the strategy sends through the backbone during
+        one ``observe`` (its replay samples included) is augmented, with the loop's checkpointed
+        generator (so a resumed run draws what an uninterrupted one would); never in evaluation."""
+        augment = self.cfg.train.augment
+        if augment is None:
+            yield
+            return
+        backbone = self.prep.backbone
+        plain = backbone.transform
+        backbone.transform = AugmentedTransform(plain, self.generator, augment.crop_padding, augment.hflip)  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            backbone.transform = plain
 
     def _evaluate(self, trained: int, split: str | None = None) -> EvalRow:
         t0 = time.perf_counter()
