@@ -60,7 +60,7 @@ COMMON_KEYS = """common --set keys (every option: cl describe NAME; the full sch
   benchmark.dataset.name=fashion_mnist|digits|cifar100|...   (cl list benchmarks)
   benchmark.n_experiences=5           benchmark.base_classes=...   benchmark.scenario=class_incremental|task_incremental|online|domain_incremental
   benchmark.train_per_class=...       benchmark.test_per_class=...
-  backbone.name=resnet18|vit_base_patch16_224|...   backbone.freeze=frozen|bn_only|last_k|all   backbone.weights.source=pretrain|file|hub|none
+  backbone.name=resnet18|vit_base_patch16_224|...   backbone.trainable=none|batchnorm|last_blocks|all   backbone.weights.source=pretrain|file|hub|none
   strategy.name=er|finetune|simplecil|...           strategy.lr=0.01   strategy.memory_size=200   (cl list strategies; cl describe er)
   train.epochs=1  train.batch_size=64  train.lr_schedule=constant|cosine|step  train.warmup_steps=0  train.grad_clip_norm=...
   train.label_smoothing=0.1           train.augment={}   (images only)

@@ -62,6 +62,9 @@ IDENTITY_DEFAULTS: dict[str, Any] = {
     "train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_milestones": [], "train.lr_gamma": 0.1, "train.grad_clip_norm": None,
     "plugins": [], "train.label_smoothing": 0.0, "train.augment": None,
 }
+# backbone.freeze (what was frozen) became backbone.trainable (what trains); a run's identity still
+# hashes the old key and values, so runs made before the rename are recognised.
+FREEZE_TO_TRAINABLE = {"frozen": "none", "bn_only": "batchnorm", "last_k": "last_blocks", "all": "all"}
 # Keys that place a run directory rather than describe the run.
 PLACEMENT_KEYS = ("experiment", "run_name", "seed")
 
@@ -215,10 +218,10 @@ class BackboneConfig(Model):
     name: str = Field(description="any timm architecture name")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
-    freeze: Literal["frozen", "bn_only", "last_k", "all"] = Field(
-        "frozen", description="which backbone parameters train (the strategy's head always does)"
+    trainable: Literal["none", "batchnorm", "last_blocks", "all"] = Field(
+        "none", description="which backbone parameters train (the strategy's head always does): none = a frozen backbone"
     )
-    trainable_blocks: int | None = Field(None, ge=1, description="k for freeze: last_k")
+    trainable_blocks: int | None = Field(None, ge=1, description="k for trainable: last_blocks")
     cache_features: bool = Field(True, description="precompute features once when the backbone is frozen")
     cache_dtype: Literal["float32", "float16"] = Field(
         "float32", description="dtype of cached features (float16 halves the cache on disk; training sees them as float32)")
@@ -245,13 +248,25 @@ class BackboneConfig(Model):
                 raise ValueError(f"'{key}' is set by the framework; use backbone.weights instead")
         return kwargs
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_freeze_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "freeze" in data:  # "freeze: all" meant "train everything": renamed, not aliased
+            hint = ", ".join(f"{old} -> {new}" for old, new in FREEZE_TO_TRAINABLE.items())
+            raise ValueError(f"'freeze' is now 'trainable', which says what trains ({hint})")
+        return data
+
     @model_validator(mode="after")
     def _blocks(self) -> BackboneConfig:
-        if self.freeze == "last_k" and self.trainable_blocks is None:
-            raise ValueError("'trainable_blocks' is required when freeze is 'last_k'")
-        if self.freeze != "last_k" and self.trainable_blocks is not None:
-            raise ValueError("'trainable_blocks' is only used when freeze is 'last_k'")
+        if self.trainable == "last_blocks" and self.trainable_blocks is None:
+            raise ValueError("'trainable_blocks' is required when trainable is 'last_blocks'")
+        if self.trainable != "last_blocks" and self.trainable_blocks is not None:
+            raise ValueError("'trainable_blocks' is only used when trainable is 'last_blocks'")
         return self
+
+    @property
+    def frozen(self) -> bool:
+        return self.trainable == "none"
 
 
 class AugmentConfig(Model):
@@ -869,7 +884,7 @@ def check_semantics(cfg: RunConfig) -> None:
         if getattr(strategy_cls, "trains_itself", False):
             raise ConfigError(f"train.augment: strategy {cfg.strategy.name} runs its own training loop and would ignore it")
         wants_features = getattr(strategy_cls, "wants_features", lambda _: True)(cfg.strategy)
-        if wants_features and cfg.backbone.freeze == "frozen" and cfg.backbone.cache_features:
+        if wants_features and cfg.backbone.frozen and cfg.backbone.cache_features:
             raise ConfigError("train.augment needs images, but this run trains on cached features (frozen backbone): "
                               "set backbone.cache_features: false to run the backbone on every augmented batch")
     if train.lr_milestones and train.lr_schedule != "step":

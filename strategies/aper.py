@@ -36,8 +36,8 @@ class APERConfig(OptimConfig):
     concat: bool = Field(True, description="prototypes of [pretrained, adapted] features; false = adapted only")
 
     def check(self, cfg: RunConfig) -> None:
-        if cfg.backbone.freeze != "frozen":
-            raise ValueError(f"backbone.freeze: aper adapts through a PEFT module on a frozen backbone; use 'frozen' (got '{cfg.backbone.freeze}')")
+        if cfg.backbone.trainable != "none":
+            raise ValueError(f"backbone.trainable: aper adapts through a PEFT module on a frozen backbone; use 'none' (got '{cfg.backbone.trainable}')")
 
 
 @STRATEGIES.register("aper", config=APERConfig, help="APER: PEFT on the first session + prototype classifier on [pretrained, adapted] features")

@@ -243,7 +243,7 @@ class Strategy:
         return torch.zeros(n, dtype=torch.long, device=self.device), torch.full((n,), self.seen_classes, device=self.device)
 
     def backbone_parameters(self) -> list[nn.Parameter]:
-        """Backbone parameters the freeze policy trains (none when features are cached)."""
+        """Backbone parameters ``backbone.trainable`` trains (none when features are cached)."""
         return [] if self.ctx.cached_features else self.ctx.backbone.trainable_parameters()
 
     def trainable_parameters(self) -> list[nn.Parameter]:

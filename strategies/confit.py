@@ -56,8 +56,8 @@ class ConFiTConfig(OptimConfig):
     )
 
     def check(self, cfg: RunConfig) -> None:
-        if cfg.backbone.freeze != "all":
-            raise ValueError(f"backbone.freeze: confit fine-tunes the whole backbone and stages it itself; use 'all' (got '{cfg.backbone.freeze}')")
+        if cfg.backbone.trainable != "all":
+            raise ValueError(f"backbone.trainable: confit fine-tunes the whole backbone and stages it itself; use 'all' (got '{cfg.backbone.trainable}')")
         a, b = self.stage_fractions
         if not 0 <= a <= b <= 1:
             raise ValueError(f"strategy.stage_fractions: need 0 <= a <= b <= 1, got {self.stage_fractions}")

@@ -13,7 +13,7 @@ each unverified choice a config option:
   on the stream batch ∪ a replay batch, plus ``gamma`` x a proxy-based softmax over the classes
   observed so far (the "hybrid" discriminative term; ``gamma: 0``, the default, disables it:
   validation selected it over 0.1, 0.3 and 1 offline and online, see experiments/tuning/);
-* the encoder is the backbone's trainable part (``backbone.freeze``) plus a projection MLP; with a
+* the encoder is the backbone's trainable part (``backbone.trainable``) plus a projection MLP; with a
   frozen backbone the projection trains on cached features;
 * the memory is a reservoir updated after every stream batch.
 """

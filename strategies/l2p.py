@@ -39,8 +39,8 @@ class L2PConfig(OptimConfig):
     def check(self, cfg: RunConfig) -> None:
         if self.top_k > self.pool_size:
             raise ValueError(f"strategy.top_k: {self.top_k} exceeds pool_size {self.pool_size}")
-        if cfg.backbone.freeze != "frozen":
-            raise ValueError(f"backbone.freeze: l2p prompts a frozen backbone; use 'frozen' (got '{cfg.backbone.freeze}')")
+        if cfg.backbone.trainable != "none":
+            raise ValueError(f"backbone.trainable: l2p prompts a frozen backbone; use 'none' (got '{cfg.backbone.trainable}')")
 
 
 @STRATEGIES.register("l2p", config=L2PConfig, help="L2P: key-query prompt pool on a frozen ViT")

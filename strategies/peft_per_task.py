@@ -45,8 +45,8 @@ class PeftPerTaskConfig(OptimConfig):
     merge_eval: bool = Field(False, description="evaluate mergeable methods merged into the backbone")
 
     def check(self, cfg: RunConfig) -> None:
-        if cfg.backbone.freeze != "frozen":
-            raise ValueError(f"backbone.freeze: peft_per_task trains modules on a frozen backbone; use 'frozen' (got '{cfg.backbone.freeze}')")
+        if cfg.backbone.trainable != "none":
+            raise ValueError(f"backbone.trainable: peft_per_task trains modules on a frozen backbone; use 'none' (got '{cfg.backbone.trainable}')")
         if self.merge_eval and not PEFT.get(self.peft.name).mergeable:
             raise ValueError(f"strategy.merge_eval: '{self.peft.name}' is not mergeable")
 

@@ -59,8 +59,8 @@ class RanPACConfig(OptimConfig):
     def check(self, cfg: RunConfig) -> None:
         if self.first_session is not None and cfg.benchmark.scenario == "online":
             raise ValueError("strategy.first_session: RanPAC's Phase 1 trains for epochs on the whole first task, which an online stream does not allow; set it to null")
-        if self.first_session is not None and cfg.backbone.freeze != "frozen":
-            raise ValueError(f"backbone.freeze: ranpac's Phase 1 adapts through a PEFT module on a frozen backbone; use 'frozen' (got '{cfg.backbone.freeze}')")
+        if self.first_session is not None and cfg.backbone.trainable != "none":
+            raise ValueError(f"backbone.trainable: ranpac's Phase 1 adapts through a PEFT module on a frozen backbone; use 'none' (got '{cfg.backbone.trainable}')")
 
 
 def ridge_solve(G: Tensor, C: Tensor, lam: float) -> Tensor:

@@ -37,7 +37,7 @@ def test_online_methods_train_per_stream_batch(tmp: Path, shared_cache: Path, me
 
 def test_avalanche_on_images_keeps_frozen_backbone_layers_in_eval(tmp: Path, shared_cache: Path):
     cfg = tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "avalanche", "method": "replay", "memory_size": 12},
-                      backbone={"name": "test_resnet", "freeze": "last_k", "trainable_blocks": 1,
+                      backbone={"name": "test_resnet", "trainable": "last_blocks", "trainable_blocks": 1,
                                 "weights": {"source": "pretrain", "pretrain": {"epochs": 2, "batch_size": 32}}})
     from cl.engine.loop import prepare
 

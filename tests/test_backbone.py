@@ -132,18 +132,18 @@ def trainable(bb) -> set[str]:
     return {n for n, p in bb.model.named_parameters() if p.requires_grad}
 
 
-def test_freeze_policies_train_only_the_intended_parameters():
+def test_trainable_policies_train_only_the_intended_parameters():
     names = {n for n, _ in reference_model().named_parameters()}
-    assert trainable(create_backbone(backbone_cfg(freeze="frozen"), GREY16, seed=0)) == set()
-    assert trainable(create_backbone(backbone_cfg(freeze="all"), GREY16, seed=0)) == names
-    bn = trainable(create_backbone(backbone_cfg(freeze="bn_only"), GREY16, seed=0))
+    assert trainable(create_backbone(backbone_cfg(trainable="none"), GREY16, seed=0)) == set()
+    assert trainable(create_backbone(backbone_cfg(trainable="all"), GREY16, seed=0)) == names
+    bn = trainable(create_backbone(backbone_cfg(trainable="batchnorm"), GREY16, seed=0))
     assert bn and all(".bn" in n or "conv1.1" in n or "conv1.4" in n or n.startswith("bn1") or "downsample.2" in n for n in bn)
-    last = trainable(create_backbone(backbone_cfg(freeze="last_k", trainable_blocks=1), GREY16, seed=0))
+    last = trainable(create_backbone(backbone_cfg(trainable="last_blocks", trainable_blocks=1), GREY16, seed=0))
     assert last == {n for n in names if n.startswith("layer4.")}
 
 
 def test_last_k_on_vit_includes_final_norm_and_frozen_parts_stay_in_eval():
-    cfg = BackboneConfig.model_validate({"name": "test_vit", "kwargs": {"img_size": 16, "patch_size": 4}, "freeze": "last_k", "trainable_blocks": 2})
+    cfg = BackboneConfig.model_validate({"name": "test_vit", "kwargs": {"img_size": 16, "patch_size": 4}, "trainable": "last_blocks", "trainable_blocks": 2})
     bb = create_backbone(cfg, GREY16, seed=0)
     depth = len(bb.model.blocks)
     assert trainable(bb) == {n for n, _ in bb.model.named_parameters() if n.startswith((f"blocks.{depth - 1}.", f"blocks.{depth - 2}.", "norm."))}
@@ -152,7 +152,7 @@ def test_last_k_on_vit_includes_final_norm_and_frozen_parts_stay_in_eval():
 
 
 def test_bn_only_on_a_model_without_batchnorm_is_a_config_error():
-    cfg = BackboneConfig.model_validate({"name": "test_vit", "kwargs": {"img_size": 16, "patch_size": 4}, "freeze": "bn_only"})
+    cfg = BackboneConfig.model_validate({"name": "test_vit", "kwargs": {"img_size": 16, "patch_size": 4}, "trainable": "batchnorm"})
     with pytest.raises(ConfigError, match="has no BatchNorm layers"):
         create_backbone(cfg, GREY16, seed=0)
 

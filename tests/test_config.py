@@ -45,15 +45,15 @@ def test_deep_merge_never_resets_a_section_whose_name_changes():
 
 
 @pytest.mark.parametrize("order", [0, 1])
-def test_set_backbone_name_keeps_weights_freeze_and_kwargs_in_any_order(tmp: Path, order: int):
-    config = tiny_config(tmp, backbone={"name": "test_resnet", "freeze": "bn_only", "kwargs": {"drop_rate": 0.1},
+def test_set_backbone_name_keeps_weights_trainable_and_kwargs_in_any_order(tmp: Path, order: int):
+    config = tiny_config(tmp, backbone={"name": "test_resnet", "trainable": "batchnorm", "kwargs": {"drop_rate": 0.1},
                                         "weights": {"source": "pretrain", "pretrain": {"epochs": 1}}})
-    sets = ["backbone.name=resnet10t", "backbone.freeze=last_k", "backbone.trainable_blocks=1"]
+    sets = ["backbone.name=resnet10t", "backbone.trainable=last_blocks", "backbone.trainable_blocks=1"]
     sets = sets if order == 0 else sets[1:] + sets[:1]
     cfg = parse_run_config(apply_overrides(config, sets))
     assert cfg.backbone.name == "resnet10t" and cfg.backbone.weights.source == "pretrain"
     assert cfg.backbone.weights.pretrain.epochs == 1 and cfg.backbone.kwargs == {"drop_rate": 0.1}
-    assert cfg.backbone.freeze == "last_k"
+    assert cfg.backbone.trainable == "last_blocks"
 
 
 def test_switching_strategy_keeps_valid_keys_and_names_the_rest(tmp: Path):
@@ -86,7 +86,7 @@ def test_valid_config_resolves_strategy_and_dataset_classes(tmp: Path):
     "override, message",
     [
         ({"trian": {}}, "unknown key 'trian' (allowed: backbone, benchmark, cache_dir"),
-        ({"train": {"epoch": 2}}, "unknown key 'train.epoch' (allowed: batch_size, checkpoint, epochs"),
+        ({"train": {"epoch": 2}}, "unknown key 'train.epoch' (allowed: augment, batch_size, checkpoint, epochs"),
         ({"strategy": {"name": "er", "memory": 5}}, "unknown key 'strategy.memory' for strategy 'er' (allowed: lr, memory_policy, memory_size"),
         ({"strategy": {"name": "nope"}}, "strategy.name: unknown strategy 'nope' (available: aper, avalanche, confit, er,"),
         ({"benchmark": {"dataset": {"name": "mnist"}}}, "unknown benchmark 'mnist' (available: cifar10, cifar100, cub200, digits, domainnet, fashion_mnist"),
@@ -98,7 +98,7 @@ def test_valid_config_resolves_strategy_and_dataset_classes(tmp: Path):
         ({"benchmark": {"class_order": [0, 1, 2, 3, 4, 4]}}, "benchmark.class_order: must be a permutation of 0..5"),
         ({"benchmark": {"base_classes": 6}}, "benchmark.base_classes: 6 leaves no classes"),
         ({"backbone": {"name": "resnet_99"}}, "unknown backbone 'resnet_99'"),
-        ({"backbone": {"freeze": "last_k"}}, "'trainable_blocks' is required when freeze is 'last_k'"),
+        ({"backbone": {"trainable": "last_blocks"}}, "'trainable_blocks' is required when trainable is 'last_blocks'"),
         ({"backbone": {"weights": {"source": "file"}}}, "'path' is required when source is 'file'"),
         ({"backbone": {"kwargs": {"num_classes": 3}}}, "'num_classes' is set by the framework"),
         ({"benchmark": {"scenario": "online"}}, "train.epochs: must be 1 in the online scenario"),
@@ -189,3 +189,14 @@ def test_a_dataset_changed_by_set_warns_that_the_experiment_folder_did_not(tmp):
         warnings.simplefilter("error")
         assert load_config(base, ["benchmark.dataset={name: digits}", "benchmark.n_experiences=5", "experiment=digits_tiny"]).experiment == "digits_tiny"
         load_config(base, ["benchmark.dataset.n_classes=9"])  # the same dataset: no warning
+
+
+def test_the_old_freeze_key_is_refused_with_the_new_names_and_old_runs_keep_their_identity(tmp):
+    from cl.engine.rundir import result_config
+    from tests.conftest import tiny_config
+
+    with pytest.raises(ConfigError, match=r"'freeze' is now 'trainable', which says what trains \(frozen -> none, bn_only -> batchnorm, last_k -> last_blocks, all -> all\)"):
+        parse_run_config(tiny_config(tmp, backbone={"name": "test_resnet", "freeze": "all"}))
+    for new, old in (("none", "frozen"), ("all", "all"), ("batchnorm", "bn_only")):
+        backbone = result_config(parse_run_config(tiny_config(tmp, backbone={"name": "test_resnet", "trainable": new})))["backbone"]
+        assert backbone["freeze"] == old and "trainable" not in backbone  # hashed as runs made before the rename were

@@ -13,7 +13,7 @@ from cl.engine.loop import prepare, run
 from strategies.confit import stage_of
 from tests.conftest import tiny_config
 
-BACKBONE = {"name": "test_resnet", "freeze": "all", "weights": {"source": "pretrain", "pretrain": {"epochs": 2, "batch_size": 32}}}
+BACKBONE = {"name": "test_resnet", "trainable": "all", "weights": {"source": "pretrain", "pretrain": {"epochs": 2, "batch_size": 32}}}
 
 
 def cfg(tmp: Path, cache: Path, scenario: str = "task_incremental", **strategy):

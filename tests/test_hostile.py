@@ -482,7 +482,7 @@ def test_a_real_full_disk_is_one_line_or_costs_only_the_cache(tmp: Path, shared_
     (tiny_disk / "filler").write_bytes(b"\0" * 200_000)
     if where == "out_dir":
         config = tiny_config(tmp, cache_dir=str(shared_cache), out_dir=str(tiny_disk / "runs"), strategy={"name": "er", "memory_size": 24},
-                             backbone={"name": "test_resnet", "freeze": "all", "cache_features": False,
+                             backbone={"name": "test_resnet", "trainable": "all", "cache_features": False,
                                        "weights": {"source": "pretrain", "pretrain": {"epochs": 2, "batch_size": 32}}})
         code, _, err = cli(capsys, "run", str(write_yaml(tmp / "cfg.yaml", config)))
         one_line_error(code, err, "No space left on device")

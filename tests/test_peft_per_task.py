@@ -132,8 +132,8 @@ def test_bad_peft_configs_are_one_line_errors(tmp: Path, shared_cache: Path):
         cfg(tmp, shared_cache, peft={"name": "lora", "rnk": 2})
     with pytest.raises(ConfigError, match="strategy.merge_eval: 'vpt' is not mergeable"):
         cfg(tmp, shared_cache, peft={"name": "vpt"}, merge_eval=True)
-    with pytest.raises(ConfigError, match="backbone.freeze: peft_per_task trains modules on a frozen backbone"):
-        parse_run_config(tiny_config(tmp, backbone={**VIT, "freeze": "all"}, strategy={"name": "peft_per_task"}))
+    with pytest.raises(ConfigError, match="backbone.trainable: peft_per_task trains modules on a frozen backbone"):
+        parse_run_config(tiny_config(tmp, backbone={**VIT, "trainable": "all"}, strategy={"name": "peft_per_task"}))
 
 
 def test_aper_adapts_once_then_only_adds_prototypes(tmp: Path, shared_cache: Path):

@@ -327,3 +327,14 @@ def test_api_load_run_refuses_what_is_not_a_finished_run(tmp):
         load_run(unfinished.run_dir())
     with pytest.raises(UserError, match="already resolved"):
         load_config(unfinished, ["seed=1"])
+
+
+def test_two_plugin_files_with_one_name_are_refused(tmp):
+    (tmp / "a").mkdir()
+    (tmp / "b").mkdir()
+    first = write_plugin(tmp / "a" / "same.py", "same_a")
+    second = write_plugin(tmp / "b" / "same.py", "same_b")
+    cfg = write_yaml(tmp / "run.yaml", tiny_config(tmp, strategy={"name": "same_a"}))
+    out = run_cl("run", str(cfg), "--import", str(first), "--import", str(second))
+    assert out.returncode == 2 and "are both plugin files named same.py; rename one" in out.stderr, out.stderr
+    assert not (tmp / "runs").exists()

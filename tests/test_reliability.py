@@ -30,7 +30,7 @@ def cli(*args: str) -> subprocess.Popen:
 def slow_config(tmp: Path, cache: Path, out: str) -> dict:
     """Three experiences, several epochs each, so a kill lands inside an experience."""
     return tiny_config(tmp, cache_dir=str(cache), out_dir=str(tmp / out), num_threads=2, strategy={"name": "er", "memory_size": 24, "lr": 0.05},
-                       backbone={"name": "test_resnet", "freeze": "all", "cache_features": False,
+                       backbone={"name": "test_resnet", "trainable": "all", "cache_features": False,
                                  "weights": {"source": "pretrain", "pretrain": {"epochs": 2, "batch_size": 32}}},
                        train={"epochs": 6, "batch_size": 8})
 
@@ -141,7 +141,7 @@ BAD = [
     ("memory_larger_than_data", None, {"strategy": {"name": "er", "memory_size": 100000}}, [], "strategy.memory_size: 100000 exceeds the 180 training samples"),
     ("peft_on_resnet", None, {"strategy": {"name": "peft_per_task", "peft": {"name": "lora"}}}, [], "'lora' applies to vit backbones, not ResNet"),
     ("l2p_on_resnet", None, {"strategy": {"name": "l2p"}}, [], "'l2p' needs a timm ViT"),
-    ("confit_frozen_backbone", None, {"strategy": {"name": "confit"}}, [], "backbone.freeze: confit fine-tunes the whole backbone"),
+    ("confit_frozen_backbone", None, {"strategy": {"name": "confit"}}, [], "backbone.trainable: confit fine-tunes the whole backbone"),
 ]
 
 

@@ -99,7 +99,7 @@ def test_shift_tables_on_hand_made_probes():
 
 def test_probes_saved_by_the_loop_and_cl_shift(tmp: Path, shared_cache: Path, capsys):
     cfg = tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "finetune", "lr": 0.1},
-                      backbone={"name": "test_resnet", "freeze": "all", "weights": {"source": "pretrain", "pretrain": {"epochs": 2, "batch_size": 32}}},
+                      backbone={"name": "test_resnet", "trainable": "all", "weights": {"source": "pretrain", "pretrain": {"epochs": 2, "batch_size": 32}}},
                       shift={"enabled": True, "per_class": 6})
     path = write_yaml(tmp / "cfg.yaml", cfg)
     assert main(["run", str(path)]) == 0

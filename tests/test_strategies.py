@@ -141,7 +141,7 @@ def test_er_online_uses_a_reservoir(tmp: Path, shared_cache: Path):
 
 
 def test_image_mode_trains_only_the_unfrozen_backbone_blocks(tmp: Path, shared_cache: Path):
-    prep = make(tmp, shared_cache, SETTINGS["finetune"], backbone={"name": "test_resnet", "freeze": "last_k", "trainable_blocks": 1,
+    prep = make(tmp, shared_cache, SETTINGS["finetune"], backbone={"name": "test_resnet", "trainable": "last_blocks", "trainable_blocks": 1,
                                                                   "weights": {"source": "pretrain", "pretrain": {"epochs": 2, "batch_size": 32}}})
     s = prep.strategy
     assert not s.ctx.cached_features and prep.bench.experiences[0].train.x.dtype == torch.uint8

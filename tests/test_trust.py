@@ -521,7 +521,7 @@ def _cli_proc(*args: str) -> subprocess.Popen:
 
 def _slow_config(tmp: Path, cache: Path) -> dict:
     return tiny_config(tmp, cache_dir=str(cache), num_threads=1, strategy={"name": "er", "memory_size": 24, "lr": 0.05},
-                       backbone={"name": "test_resnet", "freeze": "all", "cache_features": False,
+                       backbone={"name": "test_resnet", "trainable": "all", "cache_features": False,
                                  "weights": {"source": "pretrain", "pretrain": {"epochs": 2, "batch_size": 32}}},
                        train={"epochs": 40, "batch_size": 8})
 
@@ -653,9 +653,9 @@ RUN_CASES = [
     ("kwargs_typo_with_pretraining", {"backbone": {"kwargs": {"drop_rat": 0.1}}}, "backbone.kwargs: test_resnet rejects these arguments"),
     ("shift_layer_out_of_range", {"shift": {"enabled": True, "layers": [99]}}, "shift.layers: [99] is not a list of block indices of test_resnet"),
     ("online_batch_of_one_trains_bn", {"benchmark": {"scenario": "online", "online": {"batch_size": 1}}, "train": {"epochs": 1},
-                                       "backbone": {"freeze": "all", "cache_features": False}},
+                                       "backbone": {"trainable": "all", "cache_features": False}},
      "benchmark.online.batch_size: 1 sample per step cannot train the BatchNorm layers of test_resnet"),
-    ("offline_batch_of_one_trains_bn", {"train": {"batch_size": 1}, "backbone": {"freeze": "all", "cache_features": False}},
+    ("offline_batch_of_one_trains_bn", {"train": {"batch_size": 1}, "backbone": {"trainable": "all", "cache_features": False}},
      "train.batch_size: 1 sample per step cannot train the BatchNorm layers"),
     ("sha256_without_file", {"backbone": {"weights": {"sha256": "0" * 64}}}, "'sha256' is only checked when source is 'file'"),
     ("sha256_not_hex", {"backbone": {"weights": {"source": "none", "pretrain": None, "sha256": "xyz"}}}, "'sha256' is only checked"),

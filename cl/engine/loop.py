@@ -346,7 +346,7 @@ class _Loop:
             **environment_info(self.prep.device),
             "seed": self.cfg.seed,
             "identity": self.identity,
-            "backbone": {"name": self.prep.backbone.name, "freeze": self.prep.backbone.freeze, **self.prep.backbone.weights},
+            "backbone": {"name": self.prep.backbone.name, "trainable": self.prep.backbone.trainable, **self.prep.backbone.weights},
             "benchmark": self.bench.describe(),
             "input_transform": self.prep.backbone.transform.to_dict(),
             "cached_features": self.strategy.ctx.cached_features,

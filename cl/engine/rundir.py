@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from cl.config import (
-    IDENTITY_DEFAULTS, PLACEMENT_KEYS, VOLATILE_KEYS, RunConfig, check_run_dir, config_hash, config_to_dict, flatten, is_path_field, parse_override,
+    FREEZE_TO_TRAINABLE, IDENTITY_DEFAULTS, PLACEMENT_KEYS, VOLATILE_KEYS, RunConfig, check_run_dir, config_hash, config_to_dict, flatten, is_path_field, parse_override,
 )
 from cl.yamlio import yaml_text
 from cl.errors import RunDirError
@@ -69,6 +69,10 @@ def result_config(cfg: RunConfig) -> dict[str, Any]:
     data = _without_paths(cfg, config_to_dict(cfg))
     for key in (*VOLATILE_KEYS, "experiment", "run_name"):
         _drop(data, key)
+    backbone = data.get("backbone")
+    if isinstance(backbone, dict) and "trainable" in backbone:  # hashed as before the rename (FREEZE_TO_TRAINABLE)
+        old = {new: old for old, new in FREEZE_TO_TRAINABLE.items()}
+        backbone["freeze"] = old[backbone.pop("trainable")]
     if data.get("plugins"):  # a plugin by its module name, not by where its file happens to lie
         from cl.plugins import import_plugin
 

@@ -30,7 +30,7 @@ class Backbone:
     model: nn.Module
     name: str
     feature_dim: int
-    freeze: str
+    trainable: str  # none | batchnorm | last_blocks | all (BackboneConfig.trainable)
     transform: BatchTransform
     weights: dict[str, Any] = field(default_factory=dict)  # provenance: source, sha256, path, ...
     kwargs: dict[str, Any] = field(default_factory=dict)  # the timm.create_model arguments used
@@ -38,7 +38,7 @@ class Backbone:
 
     @property
     def frozen(self) -> bool:
-        return self.freeze == "frozen"
+        return self.trainable == "none"
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -77,15 +77,15 @@ def block_groups(model: nn.Module) -> list[list[str]]:
     return groups
 
 
-def apply_freeze(model: nn.Module, cfg: BackboneConfig) -> None:
-    """Set ``requires_grad`` by the freeze policy."""
-    model.requires_grad_(cfg.freeze == "all")
-    if cfg.freeze in ("frozen", "all"):
+def apply_trainable(model: nn.Module, cfg: BackboneConfig) -> None:
+    """Set ``requires_grad`` by ``backbone.trainable``."""
+    model.requires_grad_(cfg.trainable == "all")
+    if cfg.trainable in ("none", "all"):
         return
-    if cfg.freeze == "bn_only":
+    if cfg.trainable == "batchnorm":
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not bns:
-            raise ConfigError(f"backbone.freeze: 'bn_only' but {cfg.name} has no BatchNorm layers")
+            raise ConfigError(f"backbone.trainable: 'batchnorm' but {cfg.name} has no BatchNorm layers")
         for m in bns:
             m.requires_grad_(True)
         return
@@ -274,8 +274,8 @@ def create_backbone(
     elif cfg.normalize == "none":
         transform = replace(transform, mean=(0.0,) * transform.channels, std=(1.0,) * transform.channels)
 
-    apply_freeze(model, cfg)
-    backbone = Backbone(model, cfg.name, int(model.num_features), cfg.freeze, transform, info, kwargs, train_roots(model))
+    apply_trainable(model, cfg)
+    backbone = Backbone(model, cfg.name, int(model.num_features), cfg.trainable, transform, info, kwargs, train_roots(model))
     backbone.set_train(False)
     return backbone
 

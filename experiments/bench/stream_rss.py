@@ -90,7 +90,7 @@ def main() -> None:
             "experiment": f"stream_rss_{stream}_{size}", "out_dir": str(work / "runs"), "cache_dir": str(work / "cache"),
             "progress": False, "seed": 0,
             "benchmark": {"dataset": {"name": "image_folder", "root": str(work / "images"), "image_size": size}, "n_experiences": min(10, args.classes)},
-            "backbone": {"name": "resnet10t", "weights": {"source": "none"}, "freeze": "frozen", "cache_features": True},
+            "backbone": {"name": "resnet10t", "weights": {"source": "none"}, "trainable": "none", "cache_features": True},
             "strategy": {"name": "simplecil"},
             "train": {"eval_batch_size": 256, "checkpoint": False},
             "loader": {"stream": stream, "num_workers": args.workers if stream == "always" else 0},
