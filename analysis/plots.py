@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from analysis.metrics import Matrix, as_matrix, incremental_accs  # noqa: E402
+from cl.analysis.metrics import Matrix, as_matrix, incremental_accs  # noqa: E402
 
 
 FORMATS = ("png", "svg", "pdf")

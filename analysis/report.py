@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from analysis.metrics import incremental_accs
+from cl.analysis.metrics import incremental_accs
 from cl.config import PLACEMENT_KEYS, VOLATILE_KEYS, flatten
 
 # (column title, metrics key, scale, format)
@@ -148,7 +148,7 @@ def check_metrics(m: Any) -> dict[str, Any]:
 
 def _derive(metrics: dict[str, Any]) -> dict[str, Any]:
     """Metrics added after a run was made, computed from its accuracy matrices the same way."""
-    from analysis.metrics import final_old_new_acc
+    from cl.analysis.metrics import final_old_new_acc
 
     if "final_old_acc" in metrics:
         return metrics
@@ -517,7 +517,7 @@ def _png_data(path: Path) -> str:
 
 
 def _experiment_plots(experiment: str, runs: dict[str, list[RunRecord]], plots: Path) -> list[tuple[str, Path]]:
-    from analysis import plots as P
+    from cl.analysis import plots as P
 
     done = {name: [r.metrics for r in recs if r.metrics] for name, recs in runs.items()}
     done = {k: v for k, v in done.items() if v}
@@ -562,7 +562,7 @@ def _experiment_plots(experiment: str, runs: dict[str, list[RunRecord]], plots: 
 def _shift_summaries(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
     """Shift summaries of the finished runs that saved probes (``shift/shift.json`` if already
     computed); a run whose probes or summary cannot be read is skipped with a warning."""
-    from analysis.shift import load_probes, shift_tables, summarize_shift
+    from cl.analysis.shift import load_probes, shift_tables, summarize_shift
 
     out = []
     for r in records:
@@ -623,7 +623,7 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, title: str =
     """All tables, plots and the HTML report for ``records``; returns a plain-text summary. With a
     ``baseline`` row name, also every row's paired difference to it (``paired.csv``); ``formats``
     (``svg``, ``pdf``): every figure also in those formats, beside its PNG."""
-    from analysis.plots import also_save_as
+    from cl.analysis.plots import also_save_as
 
     with also_save_as(formats):
         return _write_report(records, out_dir, title, baseline)

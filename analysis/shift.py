@@ -310,7 +310,7 @@ def analyse_run(run_dir: Any, debiased: bool = False, kernel: str = "linear", ou
     import json
     from pathlib import Path
 
-    from analysis.plots import bn_error_by_layer, cka_by_layer, cka_over_experiences
+    from cl.analysis.plots import bn_error_by_layer, cka_by_layer, cka_over_experiences
     from cl.errors import UserError
 
     run_dir = Path(run_dir)

@@ -280,7 +280,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from analysis.report import discover_runs, write_report
+    from cl.analysis.report import discover_runs, write_report
 
     if not args.out.strip():
         raise UserError("--out: give a directory for the report")
@@ -322,9 +322,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_shift(args: argparse.Namespace) -> int:
-    from analysis.shift import analyse_run
+    from cl.analysis.shift import analyse_run
 
-    from analysis.plots import also_save_as
+    from cl.analysis.plots import also_save_as
 
     with also_save_as(args.formats):
         summary = analyse_run(args.run_dir, debiased=args.debiased, kernel=args.kernel, out=args.out)

@@ -116,6 +116,16 @@ def _source_file(module: str) -> Path | None:
         for candidate in (base / f"{parts[-1]}.py", base / parts[-1] / "__init__.py"):
             if candidate.is_file():
                 return candidate
+    # a subpackage installed from another folder (cl.strategies lives in strategies/): ask for the
+    # parent package itself, which imports it (cheap for cl.strategies, whose __init__ is empty)
+    try:
+        parent = importlib.util.find_spec(".".join(parts[:-1]))
+    except (ImportError, ValueError):
+        return None
+    for location in (parent.submodule_search_locations or []) if parent else []:
+        for candidate in (Path(location) / f"{parts[-1]}.py", Path(location) / parts[-1] / "__init__.py"):
+            if candidate.is_file():
+                return candidate
     return None
 
 

@@ -23,8 +23,8 @@ from cl.data.benchmark import Experience
 from cl.peft import PeftConfig, build_peft
 from cl.peft.adapter import AdapterConfig
 from cl.registry import PEFT, STRATEGIES
-from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
-from strategies.simplecil import prototype_scores
+from cl.strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
+from cl.strategies.simplecil import prototype_scores
 
 
 class APERConfig(OptimConfig):

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from cl.data.benchmark import Experience, Split
 from cl.data.disk import as_tensor
 from cl.registry import STRATEGIES
-from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
+from cl.strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
 
 Method = Literal["naive", "replay", "er_ace", "scr", "lwf", "ewc", "gdumb"]
 

@@ -35,8 +35,8 @@ from cl.config import RunConfig
 from cl.data.benchmark import Experience
 from cl.models.xconv import ConvBNPair, attach_trackers, recover_output_mean, recover_output_mean_spatial
 from cl.registry import STRATEGIES
-from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
-from strategies.task_inference import Prototypes, route
+from cl.strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
+from cl.strategies.task_inference import Prototypes, route
 
 
 class ConFiTConfig(OptimConfig):

@@ -19,8 +19,8 @@ from torch import Tensor
 from cl.data.benchmark import Experience
 from cl.memory import ClassBalancedMemory, ReservoirMemory, create_memory, resolve_memory_policy
 from cl.registry import STRATEGIES
-from strategies.base import OptimConfig, StrategyContext
-from strategies.finetune import Finetune
+from cl.strategies.base import OptimConfig, StrategyContext
+from cl.strategies.finetune import Finetune
 
 
 class ERConfig(OptimConfig):

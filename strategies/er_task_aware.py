@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from cl.data.benchmark import Experience
 from cl.memory import ClassBalancedMemory, ReservoirMemory, create_memory, resolve_memory_policy
 from cl.registry import STRATEGIES
-from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
+from cl.strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
 
 Rebalance = Literal["none", "old_tasks", "class_ratio", "memory_ratio", "constant"]
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from cl.data.benchmark import Experience
 from cl.registry import STRATEGIES
-from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
+from cl.strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
 
 
 class FinetuneConfig(OptimConfig):

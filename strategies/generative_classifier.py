@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from cl.data.benchmark import Experience
 from cl.memory import ClassBalancedMemory, ReservoirMemory, create_memory, resolve_memory_policy
 from cl.registry import STRATEGIES
-from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
-from strategies.losses import multi_similarity_loss, proxy_softmax_loss
+from cl.strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
+from cl.strategies.losses import multi_similarity_loss, proxy_softmax_loss
 
 
 class GenerativeClassifierConfig(OptimConfig):

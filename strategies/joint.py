@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from cl.data.benchmark import Experience
 from cl.registry import STRATEGIES
-from strategies.finetune import Finetune
-from strategies.base import OptimConfig
+from cl.strategies.finetune import Finetune
+from cl.strategies.base import OptimConfig
 
 
 class JointConfig(OptimConfig):

@@ -24,7 +24,7 @@ from cl.data.benchmark import Experience
 from cl.errors import ConfigError
 from cl.peft.base import backbone_family, vit_dim
 from cl.registry import STRATEGIES
-from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
+from cl.strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
 
 
 class L2PConfig(OptimConfig):

@@ -30,8 +30,8 @@ from cl.data.benchmark import Experience
 from cl.peft import PeftConfig, PeftMethod, bank, build_peft
 from cl.peft.adapter import AdapterConfig
 from cl.registry import PEFT, STRATEGIES
-from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
-from strategies.task_inference import Prototypes, route
+from cl.strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
+from cl.strategies.task_inference import Prototypes, route
 
 
 class PeftPerTaskConfig(OptimConfig):

@@ -38,7 +38,7 @@ from cl.errors import ConfigError
 from cl.peft import PeftConfig, PeftMethod, backbone_family, bank, build_peft
 from cl.peft.adapter import AdapterConfig
 from cl.registry import PEFT, STRATEGIES
-from strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
+from cl.strategies.base import OptimConfig, Strategy, StrategyContext, make_optimizer
 
 
 class RanPACConfig(OptimConfig):

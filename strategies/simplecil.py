@@ -19,7 +19,7 @@ from torch import Tensor
 
 from cl.config import StrategyConfig
 from cl.registry import STRATEGIES
-from strategies.base import Strategy, StrategyContext
+from cl.strategies.base import Strategy, StrategyContext
 
 
 class SimpleCILConfig(StrategyConfig):

@@ -10,7 +10,7 @@ import torch
 
 from cl.config import ConfigError, parse_run_config
 from cl.engine.loop import prepare, run
-from strategies.confit import stage_of
+from cl.strategies.confit import stage_of
 from tests.conftest import tiny_config
 
 BACKBONE = {"name": "test_resnet", "trainable": "all", "weights": {"source": "pretrain", "pretrain": {"epochs": 2, "batch_size": 32}}}

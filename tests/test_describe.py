@@ -46,7 +46,7 @@ def test_cl_run_help_lists_common_keys_that_exist_with_their_exact_choices(capsy
 
     from cl.cli import COMMON_KEYS, main
     from cl.config import RunConfig, _model_type, _unwrap
-    from strategies.er import ERConfig
+    from cl.strategies.er import ERConfig
 
     with pytest.raises(SystemExit):
         main(["run", "--help"])

@@ -116,7 +116,7 @@ def test_task_incremental_scenario(tmp: Path, shared_cache: Path):
 
 
 def test_cumulative_policy_feeds_all_seen_data(tmp: Path, shared_cache: Path, monkeypatch):
-    from strategies.joint import Joint
+    from cl.strategies.joint import Joint
 
     labels: list[set[int]] = []
 
@@ -137,7 +137,7 @@ def test_cumulative_policy_feeds_all_seen_data(tmp: Path, shared_cache: Path, mo
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp: Path, shared_cache: Path, monkeypatch, capsys):
-    from strategies.finetune import Finetune
+    from cl.strategies.finetune import Finetune
 
     monkeypatch.setattr(Finetune, "observe", lambda self, x, y, t: {"loss": float("nan")})
     path = write_yaml(tmp / "cfg.yaml", tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "finetune"}))

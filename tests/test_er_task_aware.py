@@ -9,7 +9,7 @@ import torch
 
 from cl.config import parse_run_config
 from cl.engine.loop import prepare, run
-from strategies.er_task_aware import TaskHeads, rebalance_weight
+from cl.strategies.er_task_aware import TaskHeads, rebalance_weight
 from tests.conftest import tiny_config
 
 

@@ -11,8 +11,8 @@ import torch
 from cl.config import parse_run_config
 from cl.engine.evaluate import evaluate
 from cl.engine.loop import prepare
-from strategies.generative_classifier import kde_scores, ncm_scores
-from strategies.losses import multi_similarity_loss, proxy_softmax_loss
+from cl.strategies.generative_classifier import kde_scores, ncm_scores
+from cl.strategies.losses import multi_similarity_loss, proxy_softmax_loss
 from tests.conftest import tiny_config
 
 

@@ -211,7 +211,7 @@ def test_joint_in_the_task_incremental_scenario_masks_each_sample_to_its_own_tas
 
     from cl.config import parse_run_config
     from cl.engine.loop import prepare
-    from strategies.base import masked_cross_entropy
+    from cl.strategies.base import masked_cross_entropy
 
     config = tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "joint", "lr": 0.05}, benchmark={"scenario": "task_incremental"})
     prep = prepare(parse_run_config(config))

@@ -130,7 +130,7 @@ def test_three_loggers_read_back_what_log_jsonl_says(tmp, quiet_home):
     assert client.get_experiment(mrun.info.experiment_id).name == "tiny"
 
     # cl compare over the out_dir finds the run, not W&B's files in OUT_DIR/.wandb
-    from analysis.report import discover_runs
+    from cl.analysis.report import discover_runs
 
     assert [r.path for r in discover_runs([tmp / "runs"])] == [run_dir]
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from analysis import metrics as M
+from cl.analysis import metrics as M
 
 nan = float("nan")
 

@@ -32,7 +32,7 @@ from pydantic import Field
 
 from cl.config import StrategyConfig
 from cl.registry import STRATEGIES
-from strategies.base import Strategy
+from cl.strategies.base import Strategy
 
 
 class NCMConfig(StrategyConfig):
@@ -109,7 +109,7 @@ def test_every_registered_name_is_declared_as_an_entry_point():
     import cl.peft  # noqa: F401  (imports every PEFT file)
     import cl.data.sources  # noqa: F401
     for mod in pkgutil.iter_modules([str(ROOT / "strategies")]):
-        importlib.import_module(f"strategies.{mod.name}")
+        importlib.import_module(f"cl.strategies.{mod.name}")
     for family in FAMILIES.values():
         assert set(family._entries) == set(family.declared()), family.family
 
@@ -123,7 +123,7 @@ def test_listing_without_importing_shows_what_the_registry_holds(family):
 def test_cl_list_imports_no_heavy_module():
     code = ("import sys\nfrom cl.cli import main\n"
             "for f in ('strategies', 'benchmarks', 'peft'): assert main(['list', f]) == 0\n"
-            "heavy = [m for m in ('torch', 'timm', 'avalanche', 'numpy', 'pydantic', 'strategies.er', 'cl.data.sources', 'cl.config') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'timm', 'avalanche', 'numpy', 'pydantic', 'cl.strategies.er', 'cl.data.sources', 'cl.config') if m in sys.modules]\n"
             "print('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -133,9 +133,9 @@ def test_cl_list_imports_no_heavy_module():
 
 def test_a_lookup_imports_only_the_declaring_module():
     code = ("import sys\nfrom cl.registry import STRATEGIES\nSTRATEGIES.get('simplecil')\n"
-            "print('LOADED', sorted(m for m in sys.modules if m.startswith('strategies.') and m != 'strategies.base'))")
+            "print('LOADED', sorted(m for m in sys.modules if m.startswith('cl.strategies.') and m != 'cl.strategies.base'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert "LOADED ['strategies.simplecil']" in out.stdout, out.stdout + out.stderr
+    assert "LOADED ['cl.strategies.simplecil']" in out.stdout, out.stdout + out.stderr
 
 
 # ---- a plugin file -------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_a_plugin_cannot_stand_in_for_a_declared_name(tmp):
     impostor = write_plugin(tmp / "impostor.py", "er")
     cfg = write_yaml(tmp / "run.yaml", tiny_config(tmp))
     out = run_cl("run", str(cfg), "--import", str(impostor))
-    assert out.returncode == 2 and "strategy 'er' belongs to cl-pretrained (strategies.er)" in out.stderr, out.stderr
+    assert out.returncode == 2 and "strategy 'er' belongs to cl-pretrained (cl.strategies.er)" in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and not (tmp / "runs").exists()
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from cl.config import ConfigError, parse_run_config
 from cl.engine.loop import prepare, run
-from strategies.ranpac import RanPACConfig, ridge_solve, select_ridge
+from cl.strategies.ranpac import RanPACConfig, ridge_solve, select_ridge
 from tests.conftest import tiny_config
 from tests.test_peft_per_task import VIT
 

@@ -89,7 +89,7 @@ def test_settings_a_strategy_would_ignore_are_refused(tmp: Path, train: dict, st
 
 
 def test_label_smoothing_by_hand_and_masked_classes_get_none_of_it():
-    from strategies.base import masked_cross_entropy
+    from cl.strategies.base import masked_cross_entropy
 
     logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 2.0, 0.0]])
     y = torch.tensor([2, 1])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analysis.report import Stats, aggregate, discover_runs, scalars, write_report
+from cl.analysis.report import Stats, aggregate, discover_runs, scalars, write_report
 from cl.cli import main
 
 

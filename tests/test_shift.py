@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis import shift as S
+from cl.analysis import shift as S
 from cl.cli import main
 from tests.conftest import tiny_config, write_yaml
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from cl.config import parse_run_config
 from cl.engine.loop import prepare
 from cl.registry import STRATEGIES
-from strategies.base import masked_cross_entropy
+from cl.strategies.base import masked_cross_entropy
 from tests.conftest import tiny_config
 
 # Per-strategy settings for the shared matrix (composer-style: defaults live with the entry).

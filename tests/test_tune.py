@@ -62,14 +62,14 @@ def test_a_run_with_validation_reports_both_splits_and_says_which_is_which(tmp: 
     m = json.loads((tmp / "runs" / "tiny" / "er" / "seed0" / "metrics.json").read_text())
     assert m["split"] == "test" and m["n_test_per_task"] == [20, 20, 20] and m["n_val_per_task"] == [12, 12, 12]
     assert len(m["acc_matrix_val"]) == 3 and m["validation"]["final_acc"] is not None
-    from analysis.metrics import summarize
+    from cl.analysis.metrics import summarize
 
     assert m["validation"]["avg_incremental_acc"] == pytest.approx(summarize(m["acc_matrix_val"], m["n_val_per_task"])["avg_incremental_acc"])
 
 
 def test_a_trial_that_reads_test_data_fails(tmp: Path, shared_cache: Path, monkeypatch):
     from cl.engine.loop import TrialLoop, prepare_inputs, prepare_trial
-    from strategies.er import ER
+    from cl.strategies.er import ER
 
     cfg = parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "er", "memory_size": 24},
                                        benchmark={"validation": {"fraction": 0.2}}))
@@ -83,7 +83,7 @@ def test_a_trial_that_reads_test_data_fails(tmp: Path, shared_cache: Path, monke
 
 def test_first_k_trials_never_see_later_experiences(tmp: Path, shared_cache: Path, monkeypatch):
     from cl.engine.loop import TrialLoop, prepare_inputs, prepare_trial
-    from strategies.er import ER
+    from cl.strategies.er import ER
 
     cfg = parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), strategy={"name": "er", "memory_size": 24},
                                        benchmark={"validation": {"fraction": 0.2}}))

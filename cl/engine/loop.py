@@ -31,8 +31,8 @@ from typing import Any, Iterator
 
 import torch
 
-from analysis import metrics as M
-from analysis.plots import accuracy_heatmap, anytime_curve, forgetting_curves
+from cl.analysis import metrics as M
+from cl.analysis.plots import accuracy_heatmap, anytime_curve, forgetting_curves
 from cl.config import RunConfig
 from cl.data.benchmark import Benchmark, Experience, Split, build_benchmark
 from cl.data import disk
@@ -52,7 +52,7 @@ from cl.plugins import provenance as plugin_provenance
 from cl.registry import STRATEGIES
 from cl.errors import ConfigError, RunDirError, TrainingDiverged, UserError
 from cl.utils import DEFAULT_THREADS, autocast_forward, environment_info, remove_stale_temps, peak_rss_mb, resolve_device, seed_everything, torch_threads, write_json
-from strategies.base import Strategy, StrategyContext, create_strategy
+from cl.strategies.base import Strategy, StrategyContext, create_strategy
 
 
 # backbone provenance repeated in metrics.json (env.json has all of it)
@@ -270,7 +270,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop_a
 
 def read_metrics(run_dir: Path, identity: dict[str, Any]) -> dict[str, Any]:
     """A finished run's metrics, checked to be this run's: same identity, the shapes reports use."""
-    from analysis.report import check_metrics
+    from cl.analysis.report import check_metrics
 
     path = run_dir / "metrics.json"
     try:

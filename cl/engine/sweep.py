@@ -399,7 +399,7 @@ def run_suite(
 ) -> tuple[str, list[dict[str, Any]]]:
     """Plan, warm shared caches, execute, then write the comparison report to ``<out>/<suite>/``
     (``<out>/<suite>/report,<overrides>/`` when ``--set`` overrides change results)."""
-    from analysis.report import RunRecord, run_config_or_none, write_report
+    from cl.analysis.report import RunRecord, run_config_or_none, write_report
 
     suite, planned = plan_suite(path, cli_overrides, out_dir, smoke, imports)
     check_plan(planned, overwrite)

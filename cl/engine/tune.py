@@ -461,7 +461,7 @@ def _write_study(out: Path, st: Study, study: Any, tcfg: TuneConfig, seconds: fl
 
     import optuna
 
-    from analysis.plots import tuning_trials
+    from cl.analysis.plots import tuning_trials
 
     trials = _counted(study)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]

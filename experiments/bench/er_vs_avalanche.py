@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
-from analysis import metrics as M  # noqa: E402
+from cl.analysis import metrics as M  # noqa: E402
 from avalanche_side import FrozenExtractor, float_scenario, quiet_evaluator, run_avalanche  # noqa: E402
 from cl.config import apply_overrides, load_yaml, parse_run_config  # noqa: E402
 from cl.engine.loop import prepare_inputs, run  # noqa: E402

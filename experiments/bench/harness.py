@@ -60,7 +60,7 @@ def _offline_data(tmp: Path) -> dict:
 
 
 def offline_item(item: str) -> dict:
-    from analysis import metrics as M
+    from cl.analysis import metrics as M
     from avalanche_side import FrozenExtractor, float_scenario, quiet_evaluator, run_avalanche
     from cl.config import parse_run_config
     from cl.engine.loop import prepare_inputs, run
