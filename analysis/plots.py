@@ -252,8 +252,9 @@ def heatmap_grid(matrices: Mapping[str, np.ndarray], path: str | Path, title: st
     return _save(fig, path)
 
 
-def anytime_compare(runs: Mapping[str, Sequence[Mapping]], path: str | Path, title: str = "") -> Path:
-    """Online runs: mean anytime accuracy (± std over seeds) vs stream samples, per strategy."""
+def anytime_compare(runs: Mapping[str, Sequence[Mapping]], path: str | Path, title: str = "", boundaries: Sequence[int] = ()) -> Path:
+    """Online runs: mean anytime accuracy (± std over seeds) vs stream samples, per strategy;
+    ``boundaries``: stream samples at which each experience after the first starts."""
     fig, ax = plt.subplots(figsize=(7.0, 4.2))
     for k, (name, seeds) in enumerate(runs.items()):
         color = plt.get_cmap("tab10")(k % 10)
@@ -263,6 +264,7 @@ def anytime_compare(runs: Mapping[str, Sequence[Mapping]], path: str | Path, tit
         ax.plot(x, acc.mean(0), color=color, label=name, lw=1.4)
         if len(seeds) > 1:
             ax.fill_between(x, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0), color=color, alpha=0.15, lw=0)
+    _boundaries(ax, boundaries)
     ax.set_xlabel("stream samples seen")
     ax.set_ylabel("accuracy on seen classes (%)")
     ax.set_ylim(0, 102)

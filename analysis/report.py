@@ -117,6 +117,10 @@ def check_metrics(m: Any) -> dict[str, Any]:
     if not isinstance(n_test, list) or not n_test or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in n_test):
         raise ValueError("n_test_per_task is not a list of positive counts")
     T = len(n_test)
+    n_train = m.get("n_train_per_task")  # absent in runs made before it was recorded
+    if n_train is not None and not (isinstance(n_train, list) and len(n_train) == T
+                                    and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in n_train)):
+        raise ValueError("n_train_per_task is not a list of positive counts, one per experience")
     for key in ("acc_matrix", "acc_matrix_task_aware"):
         R = m.get(key)
         if key == "acc_matrix" and R is None:
@@ -541,7 +545,10 @@ def _experiment_plots(experiment: str, runs: dict[str, list[RunRecord]], plots: 
     anytime = {name: [m["anytime"] for m in seeds if m.get("anytime")] for name, seeds in done.items()}
     anytime = {k: v for k, v in anytime.items() if v}
     if anytime:
-        out.append(("Anytime accuracy", P.anytime_compare(anytime, plots / f"{slug}_anytime.png", f"{experiment}: anytime accuracy")))
+        # experience boundaries when every run says how long its experiences were and they agree
+        sizes = {tuple(m["n_train_per_task"]) if isinstance(m.get("n_train_per_task"), list) else None for seeds in done.values() for m in seeds}
+        bounds = list(np.cumsum(next(iter(sizes)))[:-1]) if len(sizes) == 1 and None not in sizes else []
+        out.append(("Anytime accuracy", P.anytime_compare(anytime, plots / f"{slug}_anytime.png", f"{experiment}: anytime accuracy", bounds)))
     summaries = {name: _shift_summaries(recs) for name, recs in runs.items()}
     shift = {name: curves_ for name in runs if (curves_ := _guarded(_cka_curves, summaries[name], name))}
     if shift:

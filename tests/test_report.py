@@ -194,3 +194,30 @@ def test_report_refuses_an_unknown_figure_format(tmp: Path):
         write_report(discover_runs([tmp / "runs"]), tmp / "report", formats=["jpg"])
     assert main(["compare", str(tmp / "runs"), "--out", str(tmp / "r2"), "--format", "svg"]) == 0
     assert (tmp / "r2" / "plots" / "exp_cost.svg").is_file()
+
+
+def test_online_comparison_marks_experience_boundaries_when_runs_agree(tmp: Path):
+    import warnings
+
+    for name in ("er", "gc"):
+        run_dir = fake_run(tmp / "runs", name, 0, 0.6)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics.update(scenario="online", n_train_per_task=[40, 20],
+                       anytime={"samples": [10, 20, 30, 40, 50, 60], "acc": [0.9, 0.9, 0.8, 0.8, 0.7, 0.6], "experience": [0, 0, 0, 0, 1, 1]})
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    from cl.analysis import plots
+
+    drawn = []
+    original = plots._boundaries
+    plots._boundaries = lambda ax, bounds: (drawn.append(list(bounds)), original(ax, bounds))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            write_report(discover_runs([tmp / "runs"]), tmp / "report")
+    finally:
+        plots._boundaries = original
+    assert drawn == [[40]]  # the second experience starts after the first's 40 stream samples
+    bad = json.loads((tmp / "runs" / "exp" / "gc" / "seed0" / "metrics.json").read_text())
+    (tmp / "runs" / "exp" / "gc" / "seed0" / "metrics.json").write_text(json.dumps({**bad, "n_train_per_task": ["40", 20]}))
+    with pytest.warns(UserWarning, match="n_train_per_task is not a list of positive counts"):
+        discover_runs([tmp / "runs"])

@@ -590,6 +590,7 @@ class _Loop:
             "n_experiences": len(self.exps),
             "classes_per_experience": [len(e.classes) for e in self.exps],
             "n_test_per_task": n_test,
+            "n_train_per_task": [len(e.train) for e in self.exps],  # stream samples per experience (anytime boundaries)
             "acc_matrix": M.to_json_matrix(self.rows_cil),
             "acc_matrix_task_aware": M.to_json_matrix(self.rows_til),
             "initial_acc_task_aware": self.initial_til,
