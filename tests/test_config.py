@@ -200,3 +200,12 @@ def test_the_old_freeze_key_is_refused_with_the_new_names_and_old_runs_keep_thei
     for new, old in (("none", "frozen"), ("all", "all"), ("batchnorm", "bn_only")):
         backbone = result_config(parse_run_config(tiny_config(tmp, backbone={"name": "test_resnet", "trainable": new})))["backbone"]
         assert backbone["freeze"] == old and "trainable" not in backbone  # hashed as runs made before the rename were
+
+
+def test_overrides_inside_volatile_sections_do_not_rename_the_run():
+    from cl.engine.rundir import override_label
+
+    before = {"strategy": {"name": "er", "lr": 0.01}, "loader": {"num_workers": "auto"}}
+    assert override_label(["loggers.tensorboard=true", "loggers.wandb={}", "loader.num_workers=0", "progress=false"], before) is None
+    assert override_label(["loggers.mlflow={}", "strategy.lr=0.5"], before) == "strategy.lr=0.5"
+    assert override_label(["loggersx=1"], before) == "loggersx=1"  # a prefix of a name is not its section

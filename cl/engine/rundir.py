@@ -432,7 +432,8 @@ def override_label(overrides: list[str], before: dict[str, Any], limit: int = 96
     flat = flatten(before)
     parts = []
     for key, value in chosen.items():
-        if key in VOLATILE_KEYS or key in PLACEMENT_KEYS or (key in flat and flat[key] == value):
+        volatile = any(key == v or key.startswith(v + ".") for v in VOLATILE_KEYS)  # loggers.wandb, loader.num_workers
+        if volatile or key in PLACEMENT_KEYS or (key in flat and flat[key] == value):
             continue
         shown = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
         parts.append(f"{_token(key)}={_token(shown)}")
