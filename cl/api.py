@@ -45,6 +45,12 @@ def load_config(
     from cl.engine.rundir import name_run
     from cl.plugins import import_plugins, is_file_spec
 
+    for what, value in (("overrides", overrides), ("plugins", plugins)):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{what}: expected a list of strings, got {value!r:.80}")
+    if out_dir is not None and not isinstance(out_dir, str):
+        raise ConfigError(f"out_dir: expected a string, got {type(out_dir).__name__}")
+
     if isinstance(config, RunConfig):
         if overrides or out_dir is not None or smoke or plugins:
             raise ConfigError("a RunConfig is already resolved: give overrides, out_dir, smoke and plugins with a YAML path or dict")
@@ -52,6 +58,8 @@ def load_config(
     if isinstance(config, dict):
         data = resolve_paths({k: v for k, v in config.items() if k != "base"}, Path.cwd())
         bases = config.get("base")
+        if bases is not None and not (isinstance(bases, str) or (isinstance(bases, list) and all(isinstance(b, str) for b in bases))):
+            raise ConfigError("'base' must be a path or a list of paths")
         for base in [bases] if isinstance(bases, str) else list(bases or []):
             data = deep_merge(load_yaml(Path(base).expanduser().absolute()), data)
     elif isinstance(config, (str, Path)):
@@ -124,6 +132,8 @@ def load_run(run_dir: str | Path) -> FinishedRun:
 
     from cl.engine.rundir import read_marker
 
+    if not isinstance(run_dir, (str, Path)):
+        raise RunDirError(f"load_run: expected a run directory path, got {type(run_dir).__name__}")
     path = Path(run_dir).expanduser()
     if not path.is_dir():
         raise RunDirError(f"{path}: no such run directory")
@@ -142,6 +152,12 @@ def load_run(run_dir: str | Path) -> FinishedRun:
         raise RunDirError(f"{path}/metrics.json belongs to another run than run.json names")
     if not isinstance(config, dict) or not isinstance(env, dict):
         raise RunDirError(f"{path}: config.yaml or env.json is not a mapping")
+    from cl.analysis.report import check_metrics
+
+    try:
+        check_metrics(metrics)  # the shapes acc_matrix and the reports rely on
+    except ValueError as err:
+        raise RunDirError(f"{path}/metrics.json: {err}") from None
     return FinishedRun(path, config, metrics, env)
 
 

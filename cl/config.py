@@ -272,8 +272,14 @@ class BackboneConfig(Model):
 class AugmentConfig(Model):
     """Per-sample augmentation of training batches in the continual phase, on the backbone's input."""
 
-    crop_padding: int = Field(4, ge=0, description="random translation: zero-pad (after normalisation) by this many pixels of the backbone's input, crop back")
+    crop_padding: int = Field(4, ge=0, le=64, description="random translation: zero-pad (after normalisation) by this many pixels of the backbone's input, crop back")
     hflip: bool = Field(True, description="random horizontal flip with probability 1/2")
+
+    @model_validator(mode="after")
+    def _does_something(self) -> "AugmentConfig":
+        if self.crop_padding == 0 and not self.hflip:
+            raise ValueError("crop_padding 0 and hflip false augment nothing: remove train.augment")
+        return self
 
 
 class TrainConfig(Model):

@@ -45,6 +45,9 @@ def import_plugin(spec: str) -> dict[str, str]:
         path = Path(spec)
         if not path.is_file():
             raise ConfigError(f"plugins: no such file: {spec}")
+        if path.suffix != ".py":
+            raise ConfigError(f"plugins: {spec} is not a .py file")
+        path = path.resolve()  # a symlink and its target are one plugin
         name = "cl_plugin_" + re.sub(r"\W", "_", path.stem)
         other = sys.modules.get(name)
         if other is not None and Path(getattr(other, "__file__", "") or "").resolve() != path.resolve():
@@ -56,9 +59,9 @@ def import_plugin(spec: str) -> dict[str, str]:
             sys.modules[name] = module
             try:
                 module_spec.loader.exec_module(module)
-            except Exception as err:
+            except (Exception, SystemExit) as err:  # SystemExit: a plugin calling sys.exit() at import
                 del sys.modules[name]
-                raise ConfigError(f"plugins: {spec} failed to import: {type(err).__name__}: {err}") from err
+                raise ConfigError(f"plugins: {spec} failed to import: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}") from err
         record = {"plugin": spec, "module": name, "file": str(path.resolve()), "sha256": _sha256(path)}
     else:
         if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", spec):
@@ -69,8 +72,8 @@ def import_plugin(spec: str) -> dict[str, str]:
             if err.name is not None and spec.startswith(err.name):
                 raise ConfigError(f"plugins: no module named '{spec}' (a local file needs its path, e.g. ./{spec}.py)") from None
             raise ConfigError(f"plugins: {spec} failed to import: {err}") from err
-        except Exception as err:
-            raise ConfigError(f"plugins: {spec} failed to import: {type(err).__name__}: {err}") from err
+        except (Exception, SystemExit) as err:
+            raise ConfigError(f"plugins: {spec} failed to import: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}") from err
         file = getattr(module, "__file__", None)
         record = {"plugin": spec, "module": spec, "file": str(file or ""), "sha256": _sha256(Path(file)) if file else ""}
     _IMPORTED[spec] = record
@@ -78,10 +81,12 @@ def import_plugin(spec: str) -> dict[str, str]:
 
 
 def import_plugins(specs: Any) -> list[dict[str, str]]:
-    """Import every spec of a config's ``plugins`` list (anything else is left to validation)."""
-    if not isinstance(specs, list):
+    """Import every spec of a config's ``plugins`` list."""
+    if specs is None:
         return []
-    return [import_plugin(s) for s in specs if isinstance(s, str) and s]
+    if not isinstance(specs, list) or not all(isinstance(s, str) and s.strip() for s in specs):
+        raise ConfigError(f"plugins: expected a list of module names or .py files, got {specs!r:.80}")
+    return [import_plugin(s) for s in specs]
 
 
 def provenance(specs: list[str]) -> list[dict[str, str]]:

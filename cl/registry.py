@@ -115,18 +115,29 @@ class Registry(Generic[T]):
         self._imported.add(decl.module)
         try:
             importlib.import_module(decl.module)
-        except ImportError as err:
+        except Exception as err:  # a plugin's own bug (RuntimeError, SyntaxError, ...) is reported, not raised through
             raise PluginError(f"{self.family} '{name}' (entry point of {decl.distribution}) failed to import "
-                              f"{decl.module}: {err}") from err
+                              f"{decl.module}: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}") from err
         if name not in self._entries:
             raise PluginError(f"{self.family} '{name}' is declared by {decl.distribution} in module {decl.module}, "
                               f"which registers no {self.family} of that name")
 
     def names(self) -> list[str]:
+        """Every name, each declaring module imported; a broken plugin's names are skipped with a
+        warning (a lookup of exactly that name still raises)."""
+        import warnings
+
         for name in self.declared():
             if name not in self._entries:
-                self._load(name)
+                try:
+                    self._load(name)
+                except PluginError as err:
+                    warnings.warn(f"skipping {err}", stacklevel=2)
         return sorted(self._entries)
+
+    def known(self) -> list[str]:
+        """Registered and declared names, nothing imported (for messages)."""
+        return sorted(set(self._entries) | set(self.declared()))
 
     def entry(self, name: str) -> Entry[T]:
         if name not in self._entries:
@@ -134,7 +145,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            valid = ", ".join(self.names()) or "(none registered)"
+            valid = ", ".join(self.known()) or "(none registered)"
             raise UnknownNameError(f"unknown {self.family} '{name}' (available: {valid})") from None
 
     def get(self, name: str) -> T:

@@ -197,3 +197,47 @@ def test_logger_config_is_strict(tmp):
     with pytest.raises(ConfigError, match="loggers.comet"):
         parse_run_config(tiny_config(tmp, loggers={"comet": True}))
     assert os.environ.get("WANDB_CONFIG_DIR") is None or "wandb" not in os.environ.get("WANDB_CONFIG_DIR", "")
+
+
+def test_mlflow_writes_no_telemetry_into_home(tmp):
+    """MLflow 3 records an installation id in ~/.config/mlflow unless told not to (it keeps quiet under
+    pytest or CI by itself, so the run here is a subprocess with those variables removed)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    home, cwd = tmp / "home", tmp / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    (tmp / "run.yaml").write_text(yaml.safe_dump(tiny_config(tmp, loggers={"mlflow": {}})))
+    quiet = {"PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"}
+    env = {k: v for k, v in os.environ.items() if k not in quiet and not k.startswith("PYTEST")}
+    env["HOME"] = str(home)
+    out = subprocess.run([sys.executable, "-m", "cl", "run", str(tmp / "run.yaml")], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert not [p for p in home.rglob("*") if "mlflow" in p.name.lower()]
+    assert not any(cwd.iterdir())
+
+
+def test_ctrl_c_marks_the_tracker_run_stopped_not_failed(tmp, quiet_home, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from cl.engine.loop import run as run_loop
+    from cl.strategies.er import ER
+
+    calls = {"n": 0}
+    observe = ER.observe
+
+    def interrupted(self, x, y, t):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return observe(self, x, y, t)
+
+    monkeypatch.setattr(ER, "observe", interrupted)
+    cfg = load_config(tiny_config(tmp, loggers={"mlflow": {}}))
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(cfg)
+    run_id = (cfg.run_dir() / "mlflow_run_id").read_text().strip()
+    assert MlflowClient(tracking_uri=f"sqlite:///{tmp / 'runs' / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"

@@ -338,3 +338,73 @@ def test_two_plugin_files_with_one_name_are_refused(tmp):
     out = run_cl("run", str(cfg), "--import", str(first), "--import", str(second))
     assert out.returncode == 2 and "are both plugin files named same.py; rename one" in out.stderr, out.stderr
     assert not (tmp / "runs").exists()
+
+
+def test_a_plugin_edited_between_a_run_and_its_resume_is_another_config(tmp):
+    plugin = write_plugin(tmp / "ncm_edit.py", "ncm_edit")
+    cfg = write_yaml(tmp / "run.yaml", tiny_config(tmp, strategy={"name": "ncm_edit"}, plugins=[str(plugin)]))
+    out = run_cl("run", str(cfg), "--stop-after", "1")
+    assert out.returncode == 0, out.stderr
+    plugin.write_text(plugin.read_text().replace("(1 - self.cfg.shrink)", "0.5 * (1 - self.cfg.shrink)"))
+    out = run_cl("run", str(cfg), "--resume")  # the rest would run other code than the first experience did
+    assert out.returncode == 2 and "plugins" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp / "runs" / "tiny" / "ncm_edit" / "seed0" / "metrics.json").exists()
+
+
+def test_plugin_input_mistakes_are_one_line(tmp):
+    cfg = write_yaml(tmp / "run.yaml", tiny_config(tmp))
+    (tmp / "plug.txt").write_text("x = 1\n")
+    (tmp / "exits.py").write_text("import sys\nsys.exit(3)\n")
+    for args, message in ((["--import", str(tmp / "plug.txt")], "is not a .py file"),
+                          (["--import", str(tmp / "exits.py")], "failed to import: SystemExit: 3"),
+                          (["--import", " "], "--import: an empty module name or path")):
+        out = run_cl("run", str(cfg), *args)
+        assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
+    as_string = write_yaml(tmp / "string.yaml", {**tiny_config(tmp), "plugins": "my.py"})
+    out = run_cl("run", str(as_string))
+    assert out.returncode == 2 and "plugins: expected a list of module names or .py files" in out.stderr, out.stderr
+    assert not (tmp / "runs").exists()
+
+
+def test_a_symlink_to_a_plugin_is_the_same_plugin(tmp):
+    plugin = write_plugin(tmp / "ncm_link.py", "ncm_link")
+    (tmp / "alias.py").symlink_to(plugin)
+    cfg = write_yaml(tmp / "run.yaml", tiny_config(tmp, strategy={"name": "ncm_link"}, plugins=[str(plugin)]))
+    assert main(["run", str(cfg), "--import", str(tmp / "alias.py")]) == 0  # imported once, not "registered twice"
+
+
+def test_a_broken_installed_plugin_does_not_hide_a_typo(tmp):
+    site = tmp / "site"
+    fake_distribution(site, "brokenplug", "[cl.strategies]\nraising_ep = raising_module\n", {"raising_module": "raise RuntimeError('ep boom')\n"})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    cfg = write_yaml(tmp / "run.yaml", tiny_config(tmp))
+    out = run_cl("run", str(cfg), "--set", "strategy.name=err", "--dry-run", env=env)
+    assert out.returncode == 2 and "unknown strategy 'err'" in out.stderr and "raising_ep" in out.stderr, out.stderr
+    out = run_cl("describe", "raising_ep", env=env)
+    assert out.returncode == 2 and "failed to import raising_module: RuntimeError: ep boom" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_the_api_refuses_wrong_types_in_one_line(tmp):
+    from cl.api import load_config, load_run
+    from cl.errors import UserError
+
+    cfg = tiny_config(tmp)
+    for kwargs, message in (({"overrides": "strategy.lr=0.1"}, "overrides: expected a list of strings"),
+                            ({"overrides": [1]}, "overrides: expected a list of strings"),
+                            ({"plugins": "x.py"}, "plugins: expected a list of strings")):
+        with pytest.raises(UserError, match=message):
+            load_config(cfg, **kwargs)
+    for base in (5, [5], {"a": 1}):
+        with pytest.raises(UserError, match="'base' must be a path or a list of paths"):
+            load_config({**cfg, "base": base})
+    with pytest.raises(UserError, match="expected a run directory path"):
+        load_run(None)  # type: ignore[arg-type]
+    from cl.api import run
+
+    metrics = run(cfg)
+    path = Path(metrics["run_dir"])
+    data = json.loads((path / "metrics.json").read_text())
+    (path / "metrics.json").write_text(json.dumps({**data, "acc_matrix": "x"}))
+    with pytest.raises(UserError, match="metrics.json: .*acc_matrix"):
+        load_run(path)

@@ -197,3 +197,12 @@ def test_augmentation_on_cached_features_is_refused(tmp: Path, shared_cache: Pat
         parse_run_config(data)
     with pytest.raises(ConfigError, match="train.augment: strategy avalanche runs its own training loop"):
         parse_run_config(tiny_config(tmp, strategy={"name": "avalanche", "method": "replay"}, backbone={"name": "test_resnet", "cache_features": False}, train={"augment": {}}))
+
+
+def test_augmentation_that_does_nothing_or_hides_the_image_is_refused(tmp: Path, shared_cache: Path):
+    with pytest.raises(ConfigError, match="augment nothing: remove train.augment"):
+        parse_run_config(_augmented(tmp, shared_cache) | {"train": {"augment": {"crop_padding": 0, "hflip": False}}})
+    data = _augmented(tmp, shared_cache)
+    data["train"] = {**data["train"], "augment": {"crop_padding": 9}}
+    with pytest.raises(ConfigError, match=r"crop_padding: 9 pixels would shift most of each 16-pixel input out of view \(at most 8\)"):
+        prepare(parse_run_config(data))

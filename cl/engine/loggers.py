@@ -126,6 +126,7 @@ class MLflow:
     def __init__(self, cfg: RunConfig, run_dir: Path, params: dict[str, Any], resume: bool) -> None:
         import logging
 
+        _no_mlflow_telemetry()
         from mlflow.tracking import MlflowClient
 
         for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..." at INFO
@@ -243,9 +244,18 @@ def open_loggers(cfg: RunConfig, run_dir: Path, log: Any, resume: bool, run_id: 
     return MirroredLog(log, backends, cfg.train.epochs)
 
 
+def _no_mlflow_telemetry() -> None:
+    """MLflow 3 writes ~/.config/mlflow/telemetry.json and reports usage unless told not to; a run
+    writes only into its configured directories. (The user's own setting wins.)"""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
 def check_loggers(cfg: RunConfig) -> None:
     """Before anything is written: each enabled logger's library must be installed."""
     from cl.errors import ConfigError
+
+    if cfg.loggers.mlflow is not None:
+        _no_mlflow_telemetry()
 
     wanted = {"tensorboard": cfg.loggers.tensorboard, "wandb": cfg.loggers.wandb is not None, "mlflow": cfg.loggers.mlflow is not None}
     for name, on in wanted.items():

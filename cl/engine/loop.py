@@ -147,6 +147,10 @@ def _with_strategy(cfg: RunConfig, inputs: Inputs, bench: Benchmark) -> Prepared
     if memory is not None and memory > n_train:
         raise ConfigError(f"strategy.memory_size: {memory} exceeds the {n_train} training samples of the stream")
     _check_batchnorm_batches(cfg, inputs)
+    augment = cfg.train.augment
+    side = min(inputs.images.input_shape[1:])
+    if augment is not None and augment.crop_padding * 2 > side:
+        raise ConfigError(f"train.augment.crop_padding: {augment.crop_padding} pixels would shift most of each {side}-pixel input out of view (at most {side // 2})")
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)  # strategy initialisation does not depend on what setup consumed
     ctx = StrategyContext(
@@ -260,9 +264,10 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop_a
             return read_metrics(opened.path, identity)
         loop = _Loop(prep, opened.path, identity, resume=opened.mode == "resume")
         return loop.run(stop_after)
-    except BaseException:
+    except BaseException as err:
         if loop is not None and isinstance(loop.log, MirroredLog) and loop.log.backends:
-            loop.log.close("failed")  # the trackers say the run failed; log.jsonl ends where it ended
+            # an error: failed; Ctrl-C or SIGTERM: stopped (resumable); log.jsonl ends where it ended
+            loop.log.close("failed" if isinstance(err, Exception) else "stopped")
         raise
     finally:
         opened.lock.release()

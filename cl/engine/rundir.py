@@ -73,10 +73,10 @@ def result_config(cfg: RunConfig) -> dict[str, Any]:
     if isinstance(backbone, dict) and "trainable" in backbone:  # hashed as before the rename (FREEZE_TO_TRAINABLE)
         old = {new: old for old, new in FREEZE_TO_TRAINABLE.items()}
         backbone["freeze"] = old[backbone.pop("trainable")]
-    if data.get("plugins"):  # a plugin by its module name, not by where its file happens to lie
-        from cl.plugins import import_plugin
+    if data.get("plugins"):  # a plugin by its module name and content, not by where its file lies
+        from cl.plugins import provenance
 
-        data["plugins"] = [import_plugin(spec)["module"] for spec in data["plugins"]]
+        data["plugins"] = [f"{p['module']}@{p['sha256']}" for p in provenance(data["plugins"])]
     flat = flatten(data)
     for key, default in IDENTITY_DEFAULTS.items():
         if key in flat and flat[key] == default:
