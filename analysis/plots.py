@@ -158,14 +158,10 @@ def _boundaries(ax: plt.Axes, boundaries: Sequence[int]) -> None:
                     fontsize=6, color="grey")
 
 
-def _layer_colors(n: int) -> list:
-    return _sequence_colors(n)
-
-
 def cka_over_experiences(rows: Sequence[Mapping], layers: Sequence[str], path: str | Path, title: str = "") -> Path:
     """CKA of the first task's probe features, per layer, as later experiences are trained."""
     fig, ax = plt.subplots(figsize=(6.8, 4.2))
-    for color, layer in zip(_layer_colors(len(layers)), layers):
+    for color, layer in zip(_sequence_colors(len(layers)), layers):
         pts = sorted((r["experience"], r["cka"]) for r in rows if r["layer"] == layer and r["task"] == 0)
         if pts:
             ax.plot([p[0] + 1 for p in pts], [p[1] for p in pts], marker="o", ms=3, color=color, label=layer)

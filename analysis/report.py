@@ -307,12 +307,17 @@ def _config_key(rec: RunRecord) -> str | None:
     return hashlib.sha256(json.dumps(rec.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def differing_keys(flats: dict[Any, dict[str, Any]]) -> list[str]:
+    """The flattened keys whose values are not the same in every config (absent counts as a value)."""
+    return sorted({k for f in flats.values() for k in f if len({json.dumps(g.get(k), default=str) for g in flats.values()}) > 1})
+
+
 def _labels(configs: dict[str | None, dict[str, Any] | None], name: str) -> dict[str | None, str]:
     """A row label per config of one run name: the name plus the keys in which the configs differ."""
     if len(configs) < 2:
         return {key: name for key in configs}
     flats = {key: flatten(cfg or {}) for key, cfg in configs.items()}
-    keys = sorted({k for f in flats.values() for k in f if len({json.dumps(g.get(k), default=str) for g in flats.values()}) > 1})
+    keys = differing_keys(flats)
     labels = {}
     for key, flat in flats.items():
         shown = ", ".join(f"{k.removeprefix('strategy.')}={json.dumps(flat.get(k), default=str) if not isinstance(flat.get(k), str) else flat.get(k)}" for k in keys[:3])
@@ -418,7 +423,7 @@ def config_table(runs: dict[str, list[RunRecord]], report_dir: Path) -> tuple[li
     from cl.config import flatten
 
     flats = {name: flatten(next((r.config for r in recs if r.config is not None), None) or {}) for name, recs in runs.items()}
-    keys = sorted({k for f in flats.values() for k in f if len({json.dumps(g.get(k), default=str) for g in flats.values()}) > 1})
+    keys = differing_keys(flats)
     if len(keys) > MAX_CONFIG_KEYS:
         keys = keys[:MAX_CONFIG_KEYS]
     header = ["strategy", *keys]

@@ -43,7 +43,7 @@ def load_config(
     """
     from cl.config import RunConfig, apply_overrides, deep_merge, load_yaml, parse_run_config, resolve_paths
     from cl.engine.rundir import name_run
-    from cl.plugins import import_plugins, is_file_spec
+    from cl.plugins import absolute_specs, import_plugins
 
     for what, value in (("overrides", overrides), ("plugins", plugins)):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -74,7 +74,7 @@ def load_config(
     if out_dir is not None:
         data["out_dir"] = out_dir
     if plugins:
-        specs = [str(Path(s).expanduser().absolute()) if is_file_spec(s) else s for s in plugins]
+        specs = absolute_specs(list(plugins), Path.cwd())
         import_plugins(specs)
         data["plugins"] = [*(data.get("plugins") or []), *specs]
     cfg = parse_run_config(data)

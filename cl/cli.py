@@ -37,12 +37,12 @@ def _import_option(parser: argparse.ArgumentParser) -> None:
 
 def _imports(args: argparse.Namespace) -> list[str]:
     """``--import`` values as config ``plugins`` entries (files made absolute), imported here already."""
-    from cl.plugins import import_plugins, is_file_spec
+    from cl.plugins import absolute_specs, import_plugins
 
     given = getattr(args, "imports", [])
     if any(not s.strip() for s in given):
         raise UserError("--import: an empty module name or path")
-    specs = [str(Path(s).expanduser().absolute()) if is_file_spec(s) else s for s in given]
+    specs = absolute_specs(given, Path.cwd())
     import_plugins(specs)
     return specs
 

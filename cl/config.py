@@ -515,9 +515,9 @@ def resolve_paths(raw: Any, base_dir: Path, model: type[BaseModel] | None = None
         return raw
     out = dict(raw)
     if model is RunConfig and isinstance(raw.get("plugins"), list):
-        from cl.plugins import import_plugins, is_file_spec
+        from cl.plugins import absolute_specs, import_plugins
 
-        out["plugins"] = [_absolute(s, base_dir) if isinstance(s, str) and is_file_spec(s) else s for s in raw["plugins"]]
+        out["plugins"] = absolute_specs(raw["plugins"], base_dir)
         import_plugins(out["plugins"])  # so the sections below find a plugin's config classes
     for key, value in raw.items():
         field = model.model_fields.get(key) if isinstance(key, str) else None

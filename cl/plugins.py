@@ -18,6 +18,7 @@ import ast
 import hashlib
 import importlib
 import importlib.util
+import os
 import re
 import sys
 from pathlib import Path
@@ -78,6 +79,11 @@ def import_plugin(spec: str) -> dict[str, str]:
         record = {"plugin": spec, "module": spec, "file": str(file or ""), "sha256": _sha256(Path(file)) if file else ""}
     _IMPORTED[spec] = record
     return record
+
+
+def absolute_specs(specs: list[str], base_dir: Path) -> list[str]:
+    """Plugin specs as a config holds them: ``.py`` paths absolute against ``base_dir`` ('~' expanded)."""
+    return [os.path.abspath(base_dir / os.path.expanduser(s)) if isinstance(s, str) and is_file_spec(s) else s for s in specs]
 
 
 def import_plugins(specs: Any) -> list[dict[str, str]]:

@@ -116,6 +116,8 @@ def test_three_loggers_read_back_what_log_jsonl_says(tmp, quiet_home):
     assert {h["step"]: h["eval/acc_seen_classes"] for h in history if "eval/acc_seen_classes" in h} == pytest.approx(expected_acc)
     assert summary["final_acc"] == pytest.approx(metrics["final_acc"])
     assert config["strategy.name"] == "er" and config["seed"] == 0
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # pointed at OUT_DIR/.wandb for the run only
+        assert var not in os.environ
 
     # MLflow: one sqlite database under out_dir
     from mlflow.tracking import MlflowClient
@@ -196,7 +198,6 @@ def test_logger_config_is_strict(tmp):
         parse_run_config(tiny_config(tmp, loggers={"wandb": {"mode": "cloud"}}))
     with pytest.raises(ConfigError, match="loggers.comet"):
         parse_run_config(tiny_config(tmp, loggers={"comet": True}))
-    assert os.environ.get("WANDB_CONFIG_DIR") is None or "wandb" not in os.environ.get("WANDB_CONFIG_DIR", "")
 
 
 def test_mlflow_writes_no_telemetry_into_home(tmp):

@@ -283,7 +283,7 @@ def test_the_readme_tutorial_strategy_runs(tmp, shared_cache):
     shrink = {"benchmark": {"train_per_class": 60, "test_per_class": 30}, "train": {"epochs": 2},
               "backbone": {"weights": {"pretrain": {"epochs": 1}}}, "progress": False, "cache_dir": str(shared_cache)}
     run_yaml = blocks["my_run.yaml"].replace("base: experiments/", f"base: {ROOT}/experiments/")
-    (tmp / "my_run.yaml").write_text(run_yaml + yaml.safe_dump(shrink) + "")
+    (tmp / "my_run.yaml").write_text(run_yaml + yaml.safe_dump(shrink))
     data = yaml.safe_load((tmp / "my_run.yaml").read_text())
     assert data["strategy"] == {"name": "cosine_head", "lr": 0.05, "scale": 16.0} and data["plugins"] == ["./my_strategy.py"]
     out = run_cl("describe", "cosine_head", "--import", "./my_strategy.py", cwd=tmp)

@@ -202,6 +202,8 @@ class MirroredLog:
 
     def write(self, event: str, **fields: Any) -> None:
         self.log.write(event, **fields)
+        if not self.backends:
+            return
         found = scalars_of(event, fields, self.epochs)
         if found is not None and found[0]:
             self._each("scalars", *found)
@@ -219,9 +221,9 @@ class MirroredLog:
                 warnings.warn(f"logger {backend.name} failed to close ({type(err).__name__})", stacklevel=2)
 
 
-def open_loggers(cfg: RunConfig, run_dir: Path, log: Any, resume: bool, run_id: str) -> Any:
-    """``log`` itself when no logger is enabled, else a :class:`MirroredLog` over it. ``run_id``:
-    stable across resumes of this run directory (W&B resumes the same run)."""
+def open_loggers(cfg: RunConfig, run_dir: Path, log: Any, resume: bool, run_id: str) -> MirroredLog:
+    """``log`` mirrored to every enabled logger (to none: ``log`` alone). ``run_id``: stable across
+    resumes of this run directory (W&B resumes the same run)."""
     opts = cfg.loggers
     params = {k: v for k, v in flatten(config_to_dict(cfg)).items() if v is not None}
     factories: list[tuple[str, Any]] = []
@@ -231,8 +233,6 @@ def open_loggers(cfg: RunConfig, run_dir: Path, log: Any, resume: bool, run_id: 
         factories.append(("wandb", lambda: WandB(cfg, run_dir, params, run_id)))
     if opts.mlflow is not None:
         factories.append(("mlflow", lambda: MLflow(cfg, run_dir, params, resume)))
-    if not factories:
-        return log
     backends: list[Backend] = []
     for name, factory in factories:
         try:

@@ -40,7 +40,7 @@ from cl.data.disk import cat_images, configure_loader
 from cl.data.transforms import AugmentedTransform
 from cl.data.fakes import refuse_fake_data
 from cl.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
-from cl.engine.loggers import MirroredLog, check_loggers, open_loggers
+from cl.engine.loggers import check_loggers, open_loggers
 from cl.engine.evaluate import EvalRow, accuracy_on_classes, evaluate
 from cl.engine.probes import ProbeRecorder
 from cl.engine.progress import Progress
@@ -265,7 +265,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop_a
         loop = _Loop(prep, opened.path, identity, resume=opened.mode == "resume")
         return loop.run(stop_after)
     except BaseException as err:
-        if loop is not None and isinstance(loop.log, MirroredLog) and loop.log.backends:
+        if loop is not None and loop.log.backends:
             # an error: failed; Ctrl-C or SIGTERM: stopped (resumable); log.jsonl ends where it ended
             loop.log.close("failed" if isinstance(err, Exception) else "stopped")
         raise
@@ -465,7 +465,7 @@ class _Loop:
             self._checkpoint()
             if stop_after is not None and self.next_exp >= stop_after and self.next_exp < len(self.exps):
                 self.log.write("stopped", next_experience=self.next_exp)
-                self._close_log("stopped")
+                self.log.close("stopped")
                 return None
         return self._finish()
 
@@ -634,18 +634,10 @@ class _Loop:
             export(self.run_dir)
         write_json(self.run_dir / "metrics.json", result)  # last: its presence marks the run finished
         self.log.write("run_end", wall_time_s=wall, final_acc=result["final_acc"])
-        if isinstance(self.log, MirroredLog):
-            self.log.finish(result)
-        self._close_log("finished")
+        self.log.finish(result)
+        self.log.close("finished")
         prune_checkpoints(self.run_dir / "ckpt", self.cfg.train.keep_checkpoints)
         return result
-
-    def _close_log(self, state: str) -> None:
-        """Close the event log (and its mirrors: finished, stopped or failed)."""
-        if isinstance(self.log, MirroredLog):
-            self.log.close(state)
-        else:
-            self.log.close()
 
     def _plots(self, result: dict[str, Any]) -> None:
         plots = self.run_dir / "plots"
@@ -669,11 +661,15 @@ class _NullLog:
 
     offset = 0
     lost_bytes = dropped_lines = 0
+    backends: list[Any] = []
 
     def write(self, event: str, **fields: Any) -> None:
         pass
 
-    def close(self) -> None:
+    def finish(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def close(self, state: str = "finished") -> None:
         pass
 
 
