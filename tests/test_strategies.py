@@ -25,6 +25,8 @@ SETTINGS: dict[str, dict] = {
     "er_task_aware": {"name": "er_task_aware", "lr": 0.05, "memory_size": 12},
     "generative_classifier": {"name": "generative_classifier", "lr": 0.05, "memory_size": 24},
     "avalanche": {"name": "avalanche", "method": "replay", "lr": 0.05, "memory_size": 12},
+    "derpp": {"name": "derpp", "lr": 0.05, "memory_size": 12},
+    "icarl": {"name": "icarl", "lr": 0.05, "memory_size": 12},
 }
 
 
