@@ -27,6 +27,7 @@ SETTINGS: dict[str, dict] = {
     "avalanche": {"name": "avalanche", "method": "replay", "lr": 0.05, "memory_size": 12},
     "derpp": {"name": "derpp", "lr": 0.05, "memory_size": 12},
     "icarl": {"name": "icarl", "lr": 0.05, "memory_size": 12},
+    "fecam": {"name": "fecam"},
 }
 
 
@@ -52,7 +53,8 @@ def train_stream(prep, epochs: int = 1):
 
 # Strategies that train inside the backbone (BatchNorm, PEFT modules) cannot use this matrix's
 # cached-feature fixture; each has its own file.
-TESTED_ELSEWHERE = {"confit": "tests/test_confit.py", "peft_per_task": "tests/test_peft_per_task.py", "aper": "tests/test_peft_per_task.py", "l2p": "tests/test_peft_per_task.py"}
+TESTED_ELSEWHERE = {"confit": "tests/test_confit.py", "peft_per_task": "tests/test_peft_per_task.py", "aper": "tests/test_peft_per_task.py", "l2p": "tests/test_peft_per_task.py",
+                    "slca": "tests/test_slca.py"}
 
 
 def test_matrix_covers_every_registered_strategy():
