@@ -54,7 +54,8 @@ def train_stream(prep, epochs: int = 1):
 # Strategies that train inside the backbone (BatchNorm, PEFT modules) cannot use this matrix's
 # cached-feature fixture; each has its own file.
 TESTED_ELSEWHERE = {"confit": "tests/test_confit.py", "peft_per_task": "tests/test_peft_per_task.py", "aper": "tests/test_peft_per_task.py", "l2p": "tests/test_peft_per_task.py",
-                    "slca": "tests/test_slca.py", "ease": "tests/test_ease.py"}
+                    "slca": "tests/test_slca.py", "ease": "tests/test_ease.py",
+                    "dualprompt": "tests/test_prompts.py", "coda_prompt": "tests/test_prompts.py"}
 
 
 def test_matrix_covers_every_registered_strategy():
