@@ -36,6 +36,8 @@ class APERConfig(OptimConfig):
     concat: bool = Field(True, description="prototypes of [pretrained, adapted] features; false = adapted only")
 
     def check(self, cfg: RunConfig) -> None:
+        if self.peft.needs_data:
+            raise ValueError(f"strategy.peft.init: '{self.peft.init}' derives the module from a training batch, which only peft_per_task provides; use 'learned'")  # type: ignore[attr-defined]
         if cfg.backbone.trainable != "none":
             raise ValueError(f"backbone.trainable: aper adapts through a PEFT module on a frozen backbone; use 'none' (got '{cfg.backbone.trainable}')")
 

@@ -115,6 +115,11 @@ class PeftPerTask(Strategy):
         method.train(self.cfg.share == "per_task" or self.current == 0)  # a shared, frozen module stays in eval
         self.heads[str(task_id)].train()
         lo = self.task_ranges[task_id][0]
+        if method.training and method.needs_data:  # data-derived init (MemVP-F) from the task's first batch, on the plain backbone
+            self._activate(None)
+            with torch.no_grad():
+                method.init_from_data(self.model, self.ctx.backbone.transform(x, self.device),
+                                      torch.Generator().manual_seed(self.ctx.seed * 1000 + task_id))
         logits = self.heads[str(task_id)](self._features(x, task_id))
         loss = self.classification_loss(logits, y.to(self.device) - lo)
         self.optimizer_step(loss, self.optimizer)

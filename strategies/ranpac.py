@@ -57,6 +57,8 @@ class RanPACConfig(OptimConfig):
     schedule: Literal["cosine", "constant"] = Field("cosine", description="Phase 1 learning rate over train.epochs")
 
     def check(self, cfg: RunConfig) -> None:
+        if self.first_session is not None and self.first_session.needs_data:
+            raise ValueError(f"strategy.first_session.init: '{self.first_session.init}' derives the module from a training batch, which only peft_per_task provides; use 'learned'")  # type: ignore[attr-defined]
         if self.first_session is not None and cfg.benchmark.scenario == "online":
             raise ValueError("strategy.first_session: RanPAC's Phase 1 trains for epochs on the whole first task, which an online stream does not allow; set it to null")
         if self.first_session is not None and cfg.backbone.trainable != "none":

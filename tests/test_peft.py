@@ -7,6 +7,7 @@ the parameter-count formula on the tiny model, and the counts on ViT-B/16 agains
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,13 +16,19 @@ import timm
 import torch
 from torch import nn
 
+from cl.cli import main
+from cl.config import parse_run_config
+from cl.engine.loop import prepare
 from cl.errors import ConfigError
 from cl.peft import bank, build_peft
 from cl.peft.consolidator import shuffle_perm
 from cl.peft.conv_adapter import adapted_convs
+from cl.peft.krona import KronAConfig, default_factors, factor_shapes, kron_apply
+from cl.peft.memvp import MemVPConfig, kmeans
 from cl.peft.quant import LEVEL, dequantize_1bit, fake_quant_1bit, pack_bits, packed_bytes, quantize_1bit, unpack_bits
 from cl.peft.reported import BI_ADAPTFORMER_BYTES, REPORTED, VTAB_MEAN_HEAD
 from cl.registry import PEFT
+from tests.conftest import tiny_config, write_yaml
 
 D, DEPTH, HIDDEN = 64, 2, 256  # tiny ViT: 32x32 images, 8x8 patches -> 4x4 grid + CLS
 
@@ -44,6 +51,11 @@ VIT_CASES = {
     "consolidator_branches": {"name": "consolidator", "groups": [32, 16], "channel_shuffle": True},
     "convpass_1bit": {"name": "convpass", "dim": 4, "bits": 1},
     "lora_1bit": {"name": "lora", "rank": 4, "bits": 1},
+    "krona": {},
+    "krona_all": {"name": "krona", "factors": [4, 8], "targets": ["q", "k", "v", "proj", "fc1", "fc2"], "scale": 0.5},
+    "krona_1bit": {"name": "krona", "bits": 1},
+    "memvp": {"memory": 4},
+    "memvp_bias": {"name": "memvp", "memory": 4, "bias": True},
 }
 RESNET_CASES = {
     "conv_adapter": {"reduction": 2},
@@ -69,6 +81,11 @@ EXPECTED_COUNTS = {
     "adapter_1bit": DEPTH * 2 * D * 4,  # Bi-AdaptFormer: no biases
     "adapter_1bit_bias": DEPTH * (2 * D * 4 + 4 + D),
     # per linear and branch: out·in/g weights + out biases
+    "krona": DEPTH * 2 * (8 * 8 + 8 * 8),  # default factors on 64 x 64: A 8x8, B 8x8
+    # A 4x8 everywhere; B 16x8 on q, k, v, proj, 64x8 on fc1 (256 x 64), 16x32 on fc2 (64 x 256)
+    "krona_all": DEPTH * (4 * (32 + 16 * 8) + (32 + 64 * 8) + (32 + 16 * 32)),
+    "memvp": DEPTH * 2 * 4 * D,
+    "memvp_bias": DEPTH * (2 * 4 * D + 4),
     "consolidator_branches": DEPTH * sum((3 * D * D + D * D + 2 * HIDDEN * D) // g + 3 * D + D + HIDDEN + D for g in (32, 16)),
 }
 
@@ -167,7 +184,8 @@ def test_identity_at_init_and_detach_restores(case: str):
 def test_identity_claims_match_the_papers():
     vit = tiny_vit()
     identity = {c for c in VIT_CASES if make(c, vit).identity_at_init()}  # 1-bit: the up-projection cannot start at 0
-    assert identity == {"adapter", "lora", "lora_qv", "bitfit", "convpass", "fact_tt", "fact_tk", "kadaptation"}
+    assert identity == {"adapter", "lora", "lora_qv", "bitfit", "convpass", "fact_tt", "fact_tk", "kadaptation",
+                        "krona", "krona_all", "memvp", "memvp_bias"}
 
 
 @pytest.mark.parametrize("case", [c for c in ALL if PEFT.get({**VIT_CASES, **RESNET_CASES}[c].get("name", c)).mergeable])
@@ -313,7 +331,7 @@ def test_one_bit_levels_minimise_absolute_not_squared_error():
     assert float((w - lloyd_max).square().mean()) < l2
 
 
-@pytest.mark.parametrize("case", ["adapter_1bit", "convpass_1bit", "lora_1bit"])
+@pytest.mark.parametrize("case", ["adapter_1bit", "convpass_1bit", "lora_1bit", "krona_1bit"])
 def test_one_bit_matrices_get_distinct_gradients_at_the_first_step(case: str):
     """A zero matrix has σ = 0: under the official estimator its gradient would be one value repeated
     (only μ carries it). Every 1-bit method starts its 'zero' matrices from N(0, 1e-3²) instead."""
@@ -471,3 +489,222 @@ def test_vpt_keeps_the_token_layout_for_pooling():
     feats = model.forward_features(inputs("vpt_deep"))
     assert feats.shape[1] == 1 + 16  # prompts removed after the final norm
     method.detach()
+
+
+# ---- KronA ---------------------------------------------------------------------------------------
+
+
+def test_krona_cheap_forward_is_the_kronecker_matvec():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 7, 8, generator=g, dtype=torch.float64)  # (..., a2·b2)
+    y = kron_apply(a, b, x)
+    assert y.shape == (2, 7, 15)
+    torch.testing.assert_close(y, x @ torch.kron(a, b).T, rtol=0, atol=1e-12)
+    # one entry by hand: y[i·b1 + k] = Σ_j,l A[i, j] B[k, l] x[j·b2 + l]
+    i, k = 2, 4
+    by_hand = sum(a[i, j] * b[k, l] * x[1, 3, j * 2 + l] for j in range(4) for l in range(2))
+    torch.testing.assert_close(y[1, 3, i * 5 + k], by_hand)
+
+
+def test_krona_rank_is_the_product_of_the_factor_ranks():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(6, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 4, generator=g, dtype=torch.float64)  # rank 2
+    b = torch.randn(5, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 6, generator=g, dtype=torch.float64)  # rank 3
+    assert torch.linalg.matrix_rank(torch.kron(a, b)) == 6
+    method = make("krona", tiny_vit())  # A, B 8x8: a rank-8 pair gives a full-rank 64x64 update
+    with torch.no_grad():
+        method.A["q"][0].copy_(torch.randn(8, 8, generator=g))
+        method.B["q"][0].copy_(torch.randn(8, 8, generator=g))
+    assert torch.linalg.matrix_rank(method.delta_weight("q", 0).double()) == D
+
+
+def test_krona_default_factors_and_validation():
+    assert default_factors(768, 768) == (32, 24)  # the spec's ViT-B/16 shape: 768 + 768 parameters
+    assert default_factors(3072, 768) == (48, 32) and default_factors(D, D) == (8, 8) and default_factors(97, 97) == (97, 1)
+    for d_out, d_in in ((768, 768), (3072, 768), (60, 36)):  # the default is the cheapest valid pair
+        a1, a2 = default_factors(d_out, d_in)
+        cheapest = min(x * y + d_out * d_in // (x * y) for x in range(1, d_out + 1) if d_out % x == 0 for y in range(1, d_in + 1) if d_in % y == 0)
+        assert a1 * a2 + d_out * d_in // (a1 * a2) == cheapest
+    assert factor_shapes(3072, 768, [32, 24], "fc1") == ((32, 24), (96, 32))
+    cfg = KronAConfig(factors=[5, 8])
+    with pytest.raises(ConfigError, match=r"^peft krona.factors: \(5, 8\) must divide q's \(d_out, d_in\) = \(64, 64\)$"):
+        build_peft(cfg, tiny_vit())
+
+
+def test_krona_on_vit_b16_defaults_to_the_spec_shapes(vit_b16: nn.Module):
+    method = build_peft(KronAConfig(), vit_b16)
+    assert method.A["q"][0].shape == (32, 24) and method.B["v"][11].shape == (24, 32)
+    assert method.num_parameters() == 36_864 == 12 * 2 * (768 + 768)
+    assert build_peft(KronAConfig(factors=[32, 32]), vit_b16).num_parameters() == 12 * 2 * 1_600
+
+
+def test_krona_branch_applies_the_scale_once_by_hand():
+    """q and v rows gain s·kron(A, B) x, k is untouched; fc1 the same; the merge adds s·kron(A, B) once."""
+    model = tiny_vit()
+    torch.manual_seed(1)
+    method = build_peft(KronAConfig(scale=0.5, targets=["q", "v", "fc1"]), model)
+    perturb(method)
+    x = torch.randn(3, 5, D, generator=torch.Generator().manual_seed(4))
+    qkv, fc1 = model.blocks[1].attn.qkv, model.blocks[1].mlp.fc1
+    plain_qkv, plain_fc1 = qkv(x), fc1(x)
+    method.eval().attach(model)
+    hooked_qkv, hooked_fc1 = qkv(x), fc1(x)
+    method.detach()
+    kr = {t: torch.kron(method.A[t][1], method.B[t][1]).detach() for t in ("q", "v", "fc1")}
+    expected = plain_qkv + torch.cat([0.5 * x @ kr["q"].T, torch.zeros(3, 5, D), 0.5 * x @ kr["v"].T], dim=-1)
+    torch.testing.assert_close(hooked_qkv, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hooked_fc1, plain_fc1 + 0.5 * x @ kr["fc1"].T, rtol=1e-5, atol=1e-5)
+    merged = method.merged_weights(model)
+    delta = merged["blocks.1.attn.qkv.weight"] - qkv.weight
+    torch.testing.assert_close(delta, torch.cat([0.5 * kr["q"], torch.zeros(D, D), 0.5 * kr["v"]]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(merged["blocks.1.mlp.fc1.weight"] - fc1.weight, 0.5 * kr["fc1"], rtol=1e-5, atol=1e-6)
+    assert set(merged) == {f"blocks.{i}.{n}.weight" for i in range(DEPTH) for n in ("attn.qkv", "mlp.fc1")}
+
+
+def test_krona_1bit_starts_b_small_not_zero():
+    method = make("krona_1bit", tiny_vit())
+    bs = torch.cat([b.flatten() for t in method.targets for b in method.B[t]])
+    assert bs.abs().max() <= 2e-3 and bs.std() > 5e-4  # N(0, 1e-3²) cut at ±2σ, as the 1-bit LoRA
+    assert not method.identity_at_init()
+
+
+# ---- MemVP ---------------------------------------------------------------------------------------
+
+
+def test_memvp_branch_by_hand():
+    """The MLP's output gains s·Vᵀ GELU(K z + c), z its own input (LN2 x'), s = 0.1."""
+    model, x = tiny_vit(), inputs("memvp")
+    method = make("memvp_bias", model)
+    perturb(method)
+    method.eval().attach(model)
+    seen: dict[str, torch.Tensor] = {}
+    handle = model.blocks[1].mlp.register_forward_hook(lambda m, a, out: seen.update(z=a[0], out=out))  # runs after the module's hook
+    model(x)
+    handle.remove()
+    method.detach()
+    z, k, v, c = seen["z"], method.keys[1].detach(), method.values[1].detach(), method.bias[1].detach()
+    expected = model.blocks[1].mlp(z) + 0.1 * nn.functional.gelu(z @ k.T + c) @ v
+    torch.testing.assert_close(seen["out"], expected, rtol=1e-5, atol=1e-6)
+    fresh = make("memvp", model)
+    assert fresh.cfg.scale == 0.1 and fresh.drop.p == 0.1 and fresh.bias is None
+    assert fresh.keys.std().item() == pytest.approx(0.02, rel=0.1) and not fresh.values.any()  # K ~ N(0, 0.02²), V = 0
+
+
+@pytest.mark.parametrize("case", ["memvp", "memvp_bias"])
+def test_memvp_widened_plain_mlps_equal_the_hooked_branch(case: str):
+    """W1' = [W1; K], b1' = [b1; c], W2' = [W2, s·Vᵀ]: a plain timm model of MLP width D + m, no hooks."""
+    model, x = tiny_vit(), inputs(case)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    method = make(case, model)
+    perturb(method)
+    method.eval().attach(model)
+    hooked = model(x)
+    wide = method.widened_model(model)  # built while attached: the copy must not keep the hooks
+    method.detach()
+    assert hook_count(wide) == 0
+    fc1, fc2 = wide.blocks[0].mlp.fc1, wide.blocks[0].mlp.fc2
+    assert (fc1.out_features, fc2.in_features) == (HIDDEN + 4, HIDDEN + 4)
+    assert torch.equal(fc1.weight[HIDDEN:], method.keys[0].detach()) and torch.equal(fc2.weight[:, HIDDEN:], 0.1 * method.values[0].detach().T)
+    torch.testing.assert_close(wide(x), hooked, rtol=0, atol=1e-5)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items())  # the backbone itself is untouched
+
+
+def test_kmeans_by_hand():
+    x = torch.tensor([[0.0, 0.0], [0.0, 1.0], [10.0, 10.0], [10.0, 11.0], [10.0, 12.0]])
+    for seed in range(4):  # whichever rows start it, the clusters are found
+        centres = kmeans(x, 2, 10, torch.Generator().manual_seed(seed))
+        assert sorted(map(tuple, centres.tolist())) == [(0.0, 0.5), (10.0, 11.0)]
+
+
+@pytest.mark.parametrize("select", ["random", "kmeans"])
+def test_memvp_feature_init_is_seeded_and_changes_only_the_keys(select: str):
+    model, x = tiny_vit(), inputs("memvp")
+    cfg = MemVPConfig(memory=4, bias=True, init="features", feature_select=select)
+    methods = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(1)
+        methods.append(build_peft(cfg, model))
+    before = {k: v.clone() for k, v in methods[0].state_dict().items()}
+    with pytest.raises(RuntimeError, match="init 'features' needs init_from_data"):
+        forward_with(methods[0].train(), model, x)
+    methods[0].eval()
+    for m, seed in zip(methods, (5, 5, 6)):
+        assert m.needs_data
+        m.init_from_data(model, x, torch.Generator().manual_seed(seed))
+        assert not m.needs_data
+    a, b, c = methods
+    assert torch.equal(a.keys, b.keys) and not torch.equal(a.keys, c.keys)
+    assert torch.equal(a.values, before["values"]) and torch.equal(a.bias, before["bias"])
+    tokens = {}
+    handles = [blk.mlp.register_forward_pre_hook(lambda m, args, i=i: tokens.__setitem__(i, args[0].reshape(-1, D))) for i, blk in enumerate(model.blocks)]
+    model(x)
+    for h in handles:
+        h.remove()
+    for i in range(DEPTH):
+        rows = (a.keys[i] - before["keys"][i]).detach() / cfg.feature_scale  # F
+        if select == "random":  # each row is one of the block's FFN-input tokens
+            assert torch.cdist(rows, tokens[i], compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values.max() < 1e-3
+        else:  # k-means centres: each token's nearest centre is the mean of its cluster
+            assign = torch.cdist(tokens[i], rows, compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=1)
+            for j in assign.unique():
+                torch.testing.assert_close(rows[j], tokens[i][assign == j].mean(0), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(forward_with(a.eval(), model, x), model(x), rtol=0, atol=1e-6)  # V = 0: still an identity
+
+
+VIT_BACKBONE = {
+    "name": "vit_tiny_patch16_224",
+    "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},
+    "weights": {"source": "pretrain", "pretrain": {"epochs": 2, "batch_size": 32}},
+}
+
+
+def peft_run_config(tmp: Path, cache: Path, peft: dict) -> dict:
+    return tiny_config(tmp, cache_dir=str(cache), backbone=VIT_BACKBONE, strategy={"name": "peft_per_task", "lr": 0.01, "peft": peft},
+                       train={"epochs": 1, "batch_size": 16})
+
+
+def test_peft_per_task_derives_memvp_keys_once_per_task_from_its_first_batch(tmp: Path, shared_cache: Path):
+    peft = {"name": "memvp", "memory": 4, "init": "features"}
+    derived = []
+    for _ in range(2):
+        prep = prepare(parse_run_config(peft_run_config(tmp, shared_cache, peft)))
+        s, exp = prep.strategy, prep.bench.experiences[0]
+        s.before_experience(exp)
+        method, calls = s.modules[0], []
+        init = method.init_from_data
+        method.init_from_data = lambda *args: (init(*args), calls.append(method.keys.detach().clone()))
+        k0 = method.keys.detach().clone()
+        batches = list(exp.train.batches(16, torch.Generator().manual_seed(0)))[:2]
+        for xb, yb in batches:
+            s.observe(xb, yb, 0)
+        assert len(calls) == 1 and not torch.equal(calls[0], k0)
+        derived.append(calls[0])
+    torch.testing.assert_close(derived[0], derived[1], rtol=0, atol=0)  # seeded by the run seed and the task
+
+
+@pytest.mark.parametrize("peft", [{"name": "krona"}, {"name": "memvp", "init": "features", "feature_select": "kmeans"}], ids=["krona", "memvp_f"])
+def test_cli_run_on_a_tiny_vit(tmp: Path, shared_cache: Path, peft: dict):
+    path = write_yaml(tmp / "run.yaml", peft_run_config(tmp, shared_cache, peft))
+    assert main(["run", str(path)]) == 0
+    metrics = json.loads((tmp / "runs" / "tiny" / "peft_per_task" / "seed0" / "metrics.json").read_text())
+    assert 0 <= metrics["final_acc"] <= 1 and metrics["trainable_params"] > 0
+
+
+def test_cli_bad_krona_factors_are_a_one_line_error(tmp: Path, shared_cache: Path, capsys):
+    path = write_yaml(tmp / "bad.yaml", peft_run_config(tmp, shared_cache, {"name": "krona", "factors": [5, 8]}))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("krona.factors: (5, 8) must divide" in line for line in err) and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("strategy", [
+    {"name": "aper", "peft": {"name": "memvp", "init": "features"}},
+    {"name": "ranpac", "first_session": {"name": "memvp", "init": "features"}},
+])
+def test_data_derived_init_is_refused_where_no_strategy_provides_the_batch(tmp_path: Path, strategy: dict):
+    from cl.config import parse_run_config
+    from tests.conftest import tiny_config
+
+    with pytest.raises(ConfigError, match="init: 'features' derives the module from a training batch"):
+        parse_run_config(tiny_config(tmp_path, strategy=strategy))

@@ -39,6 +39,12 @@ Hook = tuple[nn.Module, Literal["forward", "pre"], Callable[..., Any]]
 class PeftConfig(NamedConfig):
     """Base of every method's config; each method file subclasses it."""
 
+    @property
+    def needs_data(self) -> bool:
+        """True if this configuration initialises the module from a training batch, which only
+        ``peft_per_task`` provides (other strategies refuse it at config time)."""
+        return False
+
     bits: Literal[32, 1] = Field(32, description="1 = weight matrices trained with 1-bit fake quantisation and stored packed")
     ste: Literal["official", "detached"] = Field(
         "official", description="1-bit gradient: official = through the standardisation (μ, σ) as in PETL-ViT; detached = plain straight-through"
@@ -77,6 +83,15 @@ class PeftMethod(nn.Module):
 
     def merged_weights(self, model: nn.Module) -> dict[str, Tensor]:
         """New values of the backbone parameters (by name) that absorb this module."""
+        raise NotImplementedError
+
+    @property
+    def needs_data(self) -> bool:
+        """True while the module waits for :meth:`init_from_data` (data-derived init, e.g. MemVP-F)."""
+        return False
+
+    def init_from_data(self, model: nn.Module, x: Tensor, generator: torch.Generator) -> None:
+        """Initialise from a training batch ``x`` (as the backbone takes it) before the first step."""
         raise NotImplementedError
 
     # ---- shared -----------------------------------------------------------------------------

@@ -49,6 +49,11 @@ REPORTED = [
     Reported("FacT-TK (r=28)", "fact", {"format": "tk", "rank": 28}, 0.07e6, "V-PETL Bench VTAB-1k", note="the single rank with the printed mean budget"),
     Reported("Consolidator (g=384)", "consolidator", {}, 0.0035 * 85.8e6, "Consolidator Table 1 (0.35% of 85.8M)", note="LayerNorms and biases it also unfreezes are not counted"),
     Reported("KAdaptation", "kadaptation", {}, 79_699, "PEViT README (incl. its 29,523-parameter linear-probe head)", extra=29_523),
+    # no ViT figure is printed for these two (KronA: GLUE only; MemVP: LLaMA): the counts the spec derives
+    Reported("KronA (32x24, q and v)", "krona", {}, 36_864, "spec count: 768 + 768 per matrix x 24", note="the default factors on d=768"),
+    Reported("KronA (32x32, q and v)", "krona", {"factors": [32, 32]}, 38_400, "spec count: 1024 + 576 per matrix x 24"),
+    Reported("MemVP-L (m=8)", "memvp", {"memory": 8}, 147_456, "spec count: 2·768·m per block x 12"),
+    Reported("MemVP-L (m=64)", "memvp", {"memory": 64}, 1_179_648, "spec count: 2·768·m per block x 12"),
 ]
 
 # Bi-AdaptFormer (d=32, 1 bit, no biases): 24 matrices of 768×32 bits = 72 KiB, plus μ, σ per matrix

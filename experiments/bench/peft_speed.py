@@ -34,7 +34,7 @@ from cl.registry import PEFT  # noqa: E402
 SPEED = [  # (label, method, options) on the speed model
     ("adapter", "adapter", {}), ("adapter_1bit", "adapter", {"bits": 1}), ("lora", "lora", {}), ("vpt_deep", "vpt", {"tokens": 5}),
     ("ssf", "ssf", {}), ("bitfit", "bitfit", {}), ("convpass", "convpass", {}), ("fact_tt", "fact", {}),
-    ("consolidator", "consolidator", {}), ("kadaptation", "kadaptation", {"n": 8}),
+    ("consolidator", "consolidator", {}), ("kadaptation", "kadaptation", {"n": 8}), ("krona", "krona", {}), ("memvp", "memvp", {}),
 ]
 
 
