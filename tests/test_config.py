@@ -88,7 +88,7 @@ def test_valid_config_resolves_strategy_and_dataset_classes(tmp: Path):
         ({"trian": {}}, "unknown key 'trian' (allowed: backbone, benchmark, cache_dir"),
         ({"train": {"epoch": 2}}, "unknown key 'train.epoch' (allowed: augment, batch_size, checkpoint, epochs"),
         ({"strategy": {"name": "er", "memory": 5}}, "unknown key 'strategy.memory' for strategy 'er' (allowed: lr, memory_policy, memory_size"),
-        ({"strategy": {"name": "nope"}}, "strategy.name: unknown strategy 'nope' (available: aper, avalanche, confit, er,"),
+        ({"strategy": {"name": "nope"}}, "strategy.name: unknown strategy 'nope' (available: aper, avalanche, coda_prompt, confit, derpp,"),
         ({"benchmark": {"dataset": {"name": "mnist"}}}, "unknown benchmark 'mnist' (available: cifar10, cifar100, cub200, digits, domainnet, fashion_mnist"),
         ({"train": {"epochs": "3"}}, "'train.epochs': Input should be a valid integer (got '3')"),
         ({"train": {"epochs": 0}}, "'train.epochs': Input should be greater than or equal to 1 (got 0)"),
