@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     _common(p)
 
+    p = sub.add_parser("tocom", help="train (or find cached) the ToCom token compensator of a config's backbone.tome.compensator")
+    p.add_argument("config")
+    p.add_argument("--save", default=None, metavar="FILE.safetensors", help="also copy it here (for backbone.tome.compensator.path)")
+    _common(p)
+
     p = sub.add_parser("fetch", help="download what a config needs (dataset, hub weights) into the caches, without running it")
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
@@ -324,6 +329,24 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tocom(args: argparse.Namespace) -> int:
+    import shutil
+
+    from cl.engine.loop import prepare_inputs
+
+    cfg = load_cli_config(args.config, args.overrides, args.out, imports=_imports(args))
+    tome = cfg.backbone.tome
+    if tome is None or tome.compensator is None:
+        raise UserError("backbone.tome.compensator is not set; nothing to train (e.g. --set backbone.tome.compensator={})")
+    info = prepare_inputs(cfg, want_features=False).backbone.weights["tome"]["compensator"]  # the same threads and cache entry as a run
+    if args.save and info.get("path"):
+        shutil.copyfile(info["path"], args.save)
+    curve = ", ".join(f"{h['loss']:.4g}" for h in info.get("history") or [])
+    print(f"{args.save or info.get('path')} sha256={info['sha256']} ({info.get('cache') or 'file'}; backbone sha256={info['backbone_sha256']}"
+          f"{'; loss per epoch: ' + curve if curve else ''})")
+    return 0
+
+
 def _cmd_shift(args: argparse.Namespace) -> int:
     from cl.analysis.shift import analyse_run
 
@@ -397,7 +420,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "run": _cmd_run, "sweep": _cmd_sweep, "tune": _cmd_tune, "compare": _cmd_compare, "pretrain": _cmd_pretrain, "fetch": _cmd_fetch, "fake-data": _cmd_fake_data, "shift": _cmd_shift, "describe": _cmd_describe, "list": _cmd_list,
+    "run": _cmd_run, "sweep": _cmd_sweep, "tune": _cmd_tune, "compare": _cmd_compare, "pretrain": _cmd_pretrain, "tocom": _cmd_tocom, "fetch": _cmd_fetch, "fake-data": _cmd_fake_data, "shift": _cmd_shift, "describe": _cmd_describe, "list": _cmd_list,
 }
 
 

@@ -60,7 +60,7 @@ VOLATILE_KEYS = ("progress", "out_dir", "data_root", "cache_dir", "num_threads",
 IDENTITY_DEFAULTS: dict[str, Any] = {
     "backbone.cache_dtype": "float32",
     "train.lr_schedule": "constant", "train.warmup_steps": 0, "train.lr_milestones": [], "train.lr_gamma": 0.1, "train.grad_clip_norm": None,
-    "plugins": [], "train.label_smoothing": 0.0, "train.augment": None,
+    "plugins": [], "train.label_smoothing": 0.0, "train.augment": None, "backbone.tome": None,
 }
 # backbone.freeze (what was frozen) became backbone.trainable (what trains); a run's identity still
 # hashes the old key and values, so runs made before the rename are recognised.
@@ -214,6 +214,47 @@ class WeightsConfig(Model):
         return self
 
 
+class CompensatorConfig(Model):
+    """ToCom (Jie et al., ECCV 2024): a low-rank plug-in on q and v that compensates the gap between
+    merging r_train and r_eval tokens per block (cl.models.tocom)."""
+
+    path: str | None = PathField(
+        None, description="a compensator file written by `cl tocom` for this backbone (checked by its weights sha256); null = train it (cached) on the pretraining data")
+    r_max: int = Field(16, ge=1, description="largest r it covers: r_max chunks of `dim` channels, one per step of r (rank r_max*dim; official 16)")
+    dim: int = Field(2, ge=1, description="channels per chunk (the official tocom_dim: rank 16*2 = 32)")
+    epochs: int = Field(5, ge=1, description="self-distillation epochs on the pretraining data")
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (cosine to 0, no warm-up)")
+    weight_decay: float = Field(0.05, ge=0)
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the rank channels while training")
+    train_scale: float = Field(0.1, gt=0, description="the scale s the branches are trained with")
+    loss: Literal["kl", "mse"] = Field(
+        "kl", description="kl: soft KL (temperature) on the logits of a linear head fitted to the teacher's r=0 features; mse: on the pooled features")
+    temperature: float = Field(1.0, gt=0)
+    augment: bool = Field(True, description="random crop (pad 2) and horizontal flip of the distillation images")
+    seed: Seed = 0
+
+
+class TomeConfig(Model):
+    """Token merging (ToMe) in every block of a ViT backbone, optionally with a ToCom compensator."""
+
+    r_train: int = Field(0, ge=0, description="tokens merged per block when the backbone sees training data (features, observe)")
+    r_eval: int = Field(0, ge=0, description="tokens merged per block in evaluation forwards")
+    prop_attn: bool = Field(True, description="proportional attention: add log(token size) to the attention logits")
+    scale: float = Field(
+        0.1, ge=0, description="compensator scale s at evaluation (0 = off); choose it on validation data (benchmark.validation, cl tune), never test")
+    compensator: CompensatorConfig | None = Field(None, description="ToCom: eval forwards add s * delta(r_train -> r_eval); null = ToMe alone")
+
+    @model_validator(mode="after")
+    def _covered(self) -> "TomeConfig":
+        c = self.compensator
+        if c is not None:
+            for key in ("r_train", "r_eval"):
+                if getattr(self, key) > c.r_max:
+                    raise ValueError(f"'{key}' {getattr(self, key)} exceeds compensator.r_max {c.r_max}")
+        return self
+
+
 class BackboneConfig(Model):
     name: str = Field(description="any timm architecture name")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
@@ -228,6 +269,7 @@ class BackboneConfig(Model):
     normalize: Literal["auto", "dataset", "imagenet", "none"] = Field(
         "auto", description="input normalisation; auto = the weights' own stats for hub/file, else dataset"
     )
+    tome: TomeConfig | None = Field(None, description="token merging (ToMe) and its compensator (ToCom); ViT backbones only; null = off")
 
     @field_validator("name")
     @classmethod
@@ -893,6 +935,11 @@ def check_semantics(cfg: RunConfig) -> None:
         if wants_features and cfg.backbone.frozen and cfg.backbone.cache_features:
             raise ConfigError("train.augment needs images, but this run trains on cached features (frozen backbone): "
                               "set backbone.cache_features: false to run the backbone on every augmented batch")
+    tome = cfg.backbone.tome
+    if tome is not None and getattr(getattr(cfg.strategy, "peft", None), "name", None) == "vpt":
+        raise ConfigError("backbone.tome: token merging would merge VPT's prompt tokens with image tokens; not supported with peft 'vpt'")
+    if tome is not None and cfg.shift.enabled and tome.r_train > 0:
+        raise ConfigError("shift.enabled: per-layer probes need every patch token, set backbone.tome.r_train: 0")
     if train.lr_milestones and train.lr_schedule != "step":
         raise ConfigError("train.lr_milestones: only used by lr_schedule: step")
     if cfg.benchmark.scenario == "domain_incremental":

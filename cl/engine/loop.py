@@ -25,7 +25,7 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -80,6 +80,11 @@ def build_backbone(cfg: RunConfig, bench: Benchmark, device: torch.device) -> Ba
     backbone = create_backbone(cfg.backbone, bench.transform, seed=cfg.seed, pretrained_state=state, pretrain_info=info)
     backbone.model.to(device)
     check_input(backbone, bench.input_shape, device)
+    if cfg.backbone.tome is not None:  # token merging (+ its compensator, trained and cached on first use)
+        from cl.models.tocom import install_tome
+
+        install_tome(backbone, cfg.backbone, bench, data_root=cfg.resolved_data_root(), cache_dir=cfg.resolved_cache_dir(),
+                     seed=cfg.seed, device=device, progress=cfg.progress)
     return backbone
 
 
@@ -124,6 +129,14 @@ def prepare_inputs(cfg: RunConfig, want_features: bool) -> Inputs:
                 device=device, progress=cfg.progress, precision=cfg.precision, dtype=cfg.backbone.cache_dtype,
             )
         bench = images.with_inputs(train_x, test_x)
+        if backbone.tome is not None and backbone.tome.phases_differ and images.has_validation:
+            # validation is evaluation: its rows (of the train pool) are seen as test data is
+            with torch_threads(build_threads):
+                val_x, _, _ = cached_features(
+                    backbone, images, cache_dir=cfg.resolved_cache_dir(), batch_size=cfg.train.eval_batch_size, device=device,
+                    progress=cfg.progress, precision=cfg.precision, dtype=cfg.backbone.cache_dtype, phases={"train": "eval", "test": "eval"},
+                )
+            bench = replace(bench, experiences=[replace(e, val=Split(val_x[e.val_ids], e.val.y)) for e in bench.experiences])  # type: ignore[index,union-attr]
         setup.update(feature_cache="hit" if hit else "miss", feature_time_s=time.perf_counter() - t2)
     return Inputs(bench, images, backbone, setup)
 
@@ -256,7 +269,11 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, stop_a
     check_before_run(cfg, resume=resume, overwrite=overwrite)
     check_loggers(cfg)
     prep = prepare(cfg)  # every input error surfaces here, before the run directory exists
-    identity = run_identity(cfg, prep.images.content_sha256(), prep.backbone.weights.get("sha256"))
+    weights = prep.backbone.weights.get("sha256")
+    tocom = (prep.backbone.weights.get("tome") or {}).get("compensator")
+    if tocom:  # a compensator file is identified by its content, like the backbone weights
+        weights = f"{weights}+tocom:{tocom['sha256']}"
+    identity = run_identity(cfg, prep.images.content_sha256(), weights)
     opened = open_run_dir(cfg, identity, resume=resume, overwrite=overwrite)
     loop = None
     try:
@@ -518,7 +535,8 @@ class _Loop:
             self.observed[yb] = True
             if self.samples_seen >= next_eval:
                 t0 = time.perf_counter()
-                acc = accuracy_on_classes(self.strategy, self.anytime_x, self.anytime_y, self.observed, self.cfg.train.eval_batch_size)
+                with self.prep.backbone.phase("eval"):
+                    acc = accuracy_on_classes(self.strategy, self.anytime_x, self.anytime_y, self.observed, self.cfg.train.eval_batch_size)
                 self.eval_time += time.perf_counter() - t0
                 if acc is not None:
                     self.anytime.append([self.samples_seen, acc, exp.index])
@@ -546,7 +564,8 @@ class _Loop:
 
     def _evaluate(self, trained: int, split: str | None = None) -> EvalRow:
         t0 = time.perf_counter()
-        rows = evaluate(self.strategy, self.exps, trained, self.cfg.train.eval_batch_size, self.cfg.train.eval_future_tasks, split or self.split)
+        with self.prep.backbone.phase("eval"):  # with backbone.tome: r_eval (+ compensator)
+            rows = evaluate(self.strategy, self.exps, trained, self.cfg.train.eval_batch_size, self.cfg.train.eval_future_tasks, split or self.split)
         self.eval_time += time.perf_counter() - t0
         return rows
 

@@ -8,9 +8,10 @@ loader, with its usual adaptations.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import timm
 import torch
@@ -35,6 +36,17 @@ class Backbone:
     weights: dict[str, Any] = field(default_factory=dict)  # provenance: source, sha256, path, ...
     kwargs: dict[str, Any] = field(default_factory=dict)  # the timm.create_model arguments used
     _train_roots: list[nn.Module] = field(default_factory=list, repr=False)
+    tome: Any = field(default=None, repr=False)  # cl.models.tocom.TomeRuntime when backbone.tome is set
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Forwards inside see the backbone as training data ("train") or evaluation ("eval") does:
+        with ``backbone.tome`` each merges its own r (and evaluation adds the compensator); else a no-op."""
+        if self.tome is None:
+            yield
+            return
+        with self.tome.phase(name):
+            yield
 
     @property
     def frozen(self) -> bool:

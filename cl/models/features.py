@@ -36,6 +36,7 @@ from cl.utils import load_error_summary, write_json
 CHUNK_ROWS = 2048
 FORMAT = 2  # 1 was one safetensors file per entry, written at the end
 DTYPES = {"float32": np.float32, "float16": np.float16}
+DEFAULT_PHASES = {"train": "train", "test": "eval"}  # how each pool is seen (Backbone.phase)
 
 
 @torch.no_grad()
@@ -73,7 +74,8 @@ def extract_features(
     return features
 
 
-def feature_cache_key(backbone: Backbone, bench: Benchmark, device: torch.device, precision: str = "fp32", dtype: str = "float32") -> str:
+def feature_cache_key(backbone: Backbone, bench: Benchmark, device: torch.device, precision: str = "fp32", dtype: str = "float32",
+                      phases: dict[str, str] | None = None) -> str:
     """Everything the features depend on: weights, architecture and its kwargs (pooling, activations
     change features, not weights), input pipeline, images, thread count, device and precision."""
     return config_hash(
@@ -88,6 +90,8 @@ def feature_cache_key(backbone: Backbone, bench: Benchmark, device: torch.device
             "threads": torch.get_num_threads(),
             "device": device.type,
             **({"precision": precision} if precision != "fp32" else {}),  # fp32 keys stay as they were
+            # token merging: each pool at its phase's r (train: r_train; test: r_eval + compensator)
+            **({"tome": backbone.tome.key(), "phases": phases or DEFAULT_PHASES} if backbone.tome is not None else {}),
         }
     )
 
@@ -102,6 +106,7 @@ def cached_features(
     progress: bool = False,
     precision: str = "fp32",
     dtype: str = "float32",
+    phases: dict[str, str] | None = None,
 ) -> tuple[Tensor, Tensor, bool]:
     """(train pool features, test pool features, cache hit?) for the benchmark's image pools, as float32.
 
@@ -110,15 +115,24 @@ def cached_features(
     a warning. A cache that cannot be written (read-only, full) costs only the reuse.
     """
     pools = {"train": bench.source.x_train, "test": bench.source.x_test}
+    phase = phases or DEFAULT_PHASES
+
+    def extractor(split: str) -> Any:
+        def extract(rows_x: Any, bar: Any) -> Tensor:
+            with backbone.phase(phase[split]):
+                return extract_features(backbone, rows_x, batch_size, device, bar, f"features ({split})")
+
+        return extract
+
     if cache_dir is not None:
-        entry = cache_dir / "features" / feature_cache_key(backbone, bench, device, precision, dtype)
+        entry = cache_dir / "features" / feature_cache_key(backbone, bench, device, precision, dtype, phases)
         try:
             out, hit = FeatureEntry(entry, {k: len(v) for k, v in pools.items()}, backbone.feature_dim, dtype).fill(
-                lambda rows_x, bar: extract_features(backbone, rows_x, batch_size, device, bar), pools, progress)
+                {k: extractor(k) for k in pools}, pools, progress)
             return out["train"], out["test"], hit
         except OSError as err:
             warnings.warn(f"could not write the feature cache in {entry.parent} ({err.strerror or err}); continuing without it", stacklevel=2)
-    feats = {k: extract_features(backbone, v, batch_size, device, progress, f"features ({k})") for k, v in pools.items()}
+    feats = {k: extractor(k)(v, progress) for k, v in pools.items()}
     if dtype != "float32":  # the same numbers as a cached run would see
         feats = {k: v.to(getattr(torch, dtype)).float() for k, v in feats.items()}
     return feats["train"], feats["test"], False
@@ -177,7 +191,8 @@ class FeatureEntry:
         return np.memmap(self.dir / f"{split}.bin", dtype=self.np_dtype, mode="c", shape=(self.rows[split], self.dim))
 
     def fill(self, extract: Any, pools: dict[str, Any], progress: bool) -> tuple[dict[str, Tensor], bool]:
-        """Verify the written chunks, extract the missing ones, return every split as float32."""
+        """Verify the written chunks, extract the missing ones (``extract(images, bar)``, or a dict of
+        such functions per split), return every split as float32."""
         self.dir.mkdir(parents=True, exist_ok=True)
         links = [p.name for p in (self.dir, *(self.dir / f"{s}.bin" for s in self.rows)) if p.is_symlink()]
         if links:  # never written through: the cache is not used
@@ -201,7 +216,8 @@ class FeatureEntry:
                 with_fd = {split: open(self.dir / f"{split}.bin", "r+b") for split in {t[0] for t in todo}}
                 try:
                     for split, i, sl in todo:
-                        feats = extract(pools[split][sl], bar).numpy().astype(self.np_dtype)
+                        fn = extract[split] if isinstance(extract, dict) else extract
+                        feats = fn(pools[split][sl], bar).numpy().astype(self.np_dtype)
                         fh = with_fd[split]
                         fh.seek(sl.start * self.dim * self.np_dtype.itemsize)
                         fh.write(feats.tobytes())
