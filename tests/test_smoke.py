@@ -220,3 +220,13 @@ def test_each_file_kind_given_to_the_wrong_command_names_the_right_one(capsys: p
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"`{want} " in err[0], (argv, err)
+
+
+def test_smoke_shortens_a_compensator_distillation_but_not_a_given_file(tmp_path: Path):
+    config = EXPERIMENTS / "peft" / "base_vit_fmnist.yaml"
+    trained = load_cli_config(str(config), ["backbone.tome={r_eval: 4, compensator: {epochs: 10, batch_size: 64}}"], str(tmp_path), smoke=True)
+    assert trained.backbone.tome.compensator.epochs == 1 and trained.backbone.tome.compensator.batch_size == 8
+    assert trained.backbone.tome.r_eval == 4  # the rest of the section is the config's own
+    given = load_cli_config(str(config), [f"backbone.tome={{r_eval: 4, compensator: {{path: {tmp_path / 'c.safetensors'}, epochs: 10}}}}"],
+                            str(tmp_path), smoke=True)
+    assert given.backbone.tome.compensator.epochs == 10  # a file is loaded, not trained: nothing to shorten

@@ -11,7 +11,7 @@ one included) has not rotted before paying for it. What changes, and only that:
   sample per class; online, anytime evaluation every 16 samples;
 * training: one epoch, at most :data:`MAX_STEPS` optimiser steps per experience, batches of at most
   :data:`BATCH` (strategies that train themselves, Avalanche's, take the epoch whole); tasks not
-  trained yet are not evaluated (no forward transfer); pretraining one epoch; replay memories
+  trained yet are not evaluated (no forward transfer); pretraining one epoch, and so does a ToCom compensator's distillation; replay memories
   clamped to half the training samples; shift probes one sample per class.
 
 Backbone, input size, strategy, scenario and the number of experiences stay as written. Weights stay
@@ -64,6 +64,9 @@ def smoke_data(data: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
             small["benchmark"] = {"train_per_class": min(pretrain.benchmark.train_per_class or train_per_class, train_per_class),
                                   "test_per_class": TEST_PER_CLASS}
         update["backbone"] = {"weights": {"pretrain": small}}
+    tome = cfg.backbone.tome
+    if tome is not None and tome.compensator is not None and tome.compensator.path is None:  # its distillation: one short epoch
+        update.setdefault("backbone", {})["tome"] = {"compensator": {"epochs": 1, "batch_size": min(tome.compensator.batch_size, BATCH)}}
     memory = getattr(cfg.strategy, "memory_size", None)
     if memory is not None:
         update["strategy"] = {"memory_size": max(1, min(memory, n_train // 2))}
