@@ -330,17 +330,18 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_tocom(args: argparse.Namespace) -> int:
-    import shutil
-
     from cl.engine.loop import prepare_inputs
 
     cfg = load_cli_config(args.config, args.overrides, args.out, imports=_imports(args))
     tome = cfg.backbone.tome
     if tome is None or tome.compensator is None:
         raise UserError("backbone.tome.compensator is not set; nothing to train (e.g. --set backbone.tome.compensator={})")
-    info = prepare_inputs(cfg, want_features=False).backbone.weights["tome"]["compensator"]  # the same threads and cache entry as a run
-    if args.save and info.get("path"):
-        shutil.copyfile(info["path"], args.save)
+    backbone = prepare_inputs(cfg, want_features=False).backbone  # the same threads and cache entry as a run
+    info = backbone.weights["tome"]["compensator"]
+    if args.save:  # also when the cache could not be written (no path): the compensator itself is saved
+        from cl.models.tocom import export_compensator
+
+        export_compensator(backbone.tome, Path(args.save))
     curve = ", ".join(f"{h['loss']:.4g}" for h in info.get("history") or [])
     print(f"{args.save or info.get('path')} sha256={info['sha256']} ({info.get('cache') or 'file'}; backbone sha256={info['backbone_sha256']}"
           f"{'; loss per epoch: ' + curve if curve else ''})")

@@ -75,6 +75,8 @@ class EASEConfig(OptimConfig):
     def check(self, cfg: RunConfig) -> None:
         if cfg.backbone.trainable != "none":
             raise ValueError(f"backbone.trainable: ease trains per-task adapters on a frozen backbone; use 'none' (got '{cfg.backbone.trainable}')")
+        if cfg.benchmark.scenario == "online":
+            raise ValueError("strategy.name: ease re-reads each task's training data for its prototypes in every subspace, which an online stream does not allow")
 
     def adapter(self) -> AdapterConfig:
         return AdapterConfig(placement="parallel", bottleneck=self.bottleneck, scale=self.scale, dropout=self.dropout,

@@ -72,6 +72,8 @@ class ICaRLConfig(OptimConfig):
         n = cfg.benchmark.dataset.num_classes()
         if self.memory_size < n:
             raise ValueError(f"strategy.memory_size: {self.memory_size} exemplars cannot hold one per class for the {n} classes")
+        if cfg.benchmark.scenario == "online":
+            raise ValueError("strategy.name: icarl re-reads each task's training data to herd its exemplars, which an online stream does not allow")
 
 
 # ---- maths ------------------------------------------------------------------------------------

@@ -245,3 +245,9 @@ def test_bad_backbones_are_one_line_errors(tmp: Path, shared_cache: Path):
         parse_run_config(tiny_config(tmp, backbone={**VIT, "trainable": "all"}, strategy=EASE))
     with pytest.raises(ConfigError, match="'ease' needs a timm ViT"):
         prepare(parse_run_config(tiny_config(tmp, cache_dir=str(shared_cache), strategy=EASE)))
+
+
+def test_an_online_stream_is_refused_in_one_line(tmp: Path):
+    """The prototypes are a second pass over the task after training, which an online stream does not have (as slca)."""
+    with pytest.raises(ConfigError, match=r"ease re-reads each task's training data"):
+        parse_run_config(tiny_config(tmp, backbone=VIT, benchmark={"scenario": "online"}, train={"epochs": 1}, strategy={"name": "ease"}))

@@ -230,3 +230,11 @@ def test_cli_run_writes_metrics_and_refuses_a_too_small_memory(tmp: Path, shared
     assert main(["run", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "strategy.memory_size" in err and err.count("\n") == 1
+
+
+def test_an_online_stream_is_refused_in_one_line(tmp: Path):
+    """Herding re-reads the whole task after training: a second pass an online stream does not have (as slca)."""
+    from cl.config import ConfigError, parse_run_config
+
+    with pytest.raises(ConfigError, match=r"icarl re-reads each task's training data"):
+        parse_run_config(tiny_config(tmp, benchmark={"scenario": "online"}, train={"epochs": 1}, strategy={"name": "icarl", "memory_size": 12}))

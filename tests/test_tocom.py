@@ -342,3 +342,34 @@ def test_a_replaced_attention_forward_is_refused_under_token_merging():
     attn.forward = types.MethodType(lambda self, x, **kw: x, attn)
     with TokenMerging(m, r=2), pytest.raises(ConfigError, match="prefix tuning"):
         m(torch.randn(1, 3, 16, 16))
+
+
+def test_save_writes_the_file_even_when_the_cache_cannot_be_written(tmp: Path, shared_cache: Path, capsys, monkeypatch):
+    """`cl tocom --save F` with an unwritable cache used to print F and exit 0 without writing F."""
+    import errno
+
+    import cl.models.tocom as tocom
+
+    real = tocom.atomic_save
+
+    def read_only_cache(path, write):  # noqa: ANN001, ANN202
+        if Path(shared_cache) in Path(path).parents:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(path, write)
+
+    monkeypatch.setattr(tocom, "atomic_save", read_only_cache)
+    data = run_cfg(tmp, shared_cache, tome={"r_train": 0, "r_eval": 2, "compensator": {"r_max": 2, "dim": 1, "epochs": 1, "batch_size": 16}})
+    dest = tmp / "saved.safetensors"
+    with pytest.warns(UserWarning, match="could not cache the compensator"):
+        assert _cli(tmp, "ro", data, "tocom", "--save", str(dest)) == 0
+    assert "not written" in capsys.readouterr().out
+    assert dest.is_file()
+    by_file = run_cfg(tmp, shared_cache, tome={"r_train": 0, "r_eval": 2, "compensator": {"r_max": 2, "dim": 1, "path": str(dest)}}, experiment="saved")
+    assert _cli(tmp, "sv", by_file, "run") == 0
+    assert next((tmp / "runs" / "saved").rglob("metrics.json")).is_file()
+    # --save onto the very file the compensator was read from is a no-op, not an error
+    assert _cli(tmp, "sv2", by_file, "tocom", "--save", str(dest)) == 0 and dest.is_file()
+    capsys.readouterr()
+    assert _cli(tmp, "sv3", by_file, "tocom", "--save", str(tmp)) != 0  # a directory: one line naming it
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"Is a directory: {tmp}" in err

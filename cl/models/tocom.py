@@ -41,6 +41,7 @@ Our reconstruction, and where we deviate:
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import time
@@ -191,6 +192,8 @@ class TomeRuntime:
     def __init__(self, model: nn.Module, cfg: TomeConfig, compensator: TokenCompensator | None = None,
                  compensator_sha256: str | None = None) -> None:
         self.cfg, self.compensator, self.compensator_sha256 = cfg, compensator, compensator_sha256
+        self.compensator_path: str | None = None  # its file (cache or backbone.tome.compensator.path); None if not written
+        self.backbone_sha256: str | None = None
         self.tome = TokenMerging(model, cfg.r_train, cfg.prop_attn).attach()
         if compensator is not None:
             compensator.eval().attach(model)
@@ -351,6 +354,23 @@ def load_compensator(path: Path, model: nn.Module, backbone_sha256: str, ccfg: C
     return comp, meta["sha256"]
 
 
+def export_compensator(runtime: TomeRuntime, dest: Path) -> None:
+    """Write the compensator ``runtime`` uses to ``dest`` (``cl tocom --save``): a copy of its file, or
+    the compensator itself when there is no file (the cache could not be written). ``dest`` being
+    that very file is a no-op."""
+    comp = runtime.compensator
+    assert comp is not None
+    if dest.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(dest))
+    src = runtime.compensator_path
+    if src is not None and Path(src).is_file():
+        if dest.exists() and dest.resolve() == Path(src).resolve():
+            return
+        atomic_save(dest, lambda tmp: tmp.write_bytes(Path(src).read_bytes()))
+        return
+    save_compensator(dest, comp, runtime.backbone_sha256)
+
+
 def compensator_key(backbone_sha256: str, ccfg: CompensatorConfig, data_sha256: str, transform: BatchTransform, device: torch.device) -> str:
     return config_hash({
         "format": FORMAT, "backbone": backbone_sha256, "tocom": ccfg.model_dump(mode="json", exclude={"path"}), "data": data_sha256,
@@ -419,6 +439,8 @@ def install_tome(backbone: Any, bcfg: BackboneConfig, bench: Benchmark, *, data_
                                      cache_dir=cache_dir, seed=seed, device=device, progress=progress)
         comp.to(device)
     runtime = TomeRuntime(backbone.model, tcfg, comp, None if info is None else info["sha256"])
+    runtime.compensator_path = None if info is None else info.get("path")
+    runtime.backbone_sha256 = backbone.weights["sha256"]
     backbone.tome = runtime
     backbone.weights["tome"] = {**tcfg.model_dump(mode="json", exclude={"compensator"}),
                                 "compensator": None if info is None else {k: info.get(k) for k in ("sha256", "path", "cache", "backbone_sha256", "r_range", "history")}}
